@@ -1,0 +1,153 @@
+"""StageModel: a contiguous range of decoder layers, optionally with the embedding and the head.
+
+The narrow interface every caller shares (engine, stage server, tests)::
+
+    x = stage.embed(ids)             # [T] -> [T, H]          (needs embed=True)
+    x = stage(x, kv, meta)           # [T, H] -> [T, H]       runs layers[a:b] over the paged KV
+    logits = stage.logits(x)         # [N, H] -> [N, V]       final norm + head (needs head=True)
+
+A stage built with ``from_pretrained`` reads only its own tensors from the checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dllm.config import ModelConfig
+from dllm.errors import WeightsError
+from dllm.kv.paged_cache import PagedKVCache
+from dllm.model.attention import AttentionMetadata
+from dllm.model.layers import DecoderLayer, RMSNorm, Rotary
+from dllm.weights.loader import load_tensors
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose one of float32, bfloat16, float16") from None
+
+
+class StageModel(nn.Module):
+    def __init__(self, config: ModelConfig, layers: range | None = None, embed: bool = True, head: bool = True):
+        super().__init__()
+        layers = range(config.num_layers) if layers is None else layers
+        if layers.step != 1 or layers.start < 0 or layers.stop > config.num_layers or layers.start > layers.stop:
+            raise ValueError(f"layer range {layers.start}:{layers.stop} is outside the model's 0:{config.num_layers}")
+        self.config = config
+        self.layer_range = layers
+        self.has_embed, self.has_head = embed, head
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size) if embed else None
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in layers)
+        self.rotary = Rotary(config)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if head else None
+        # a tied head shares the embedding matrix; a head-only stage keeps its own copy
+        self.lm_head = None
+        if head and not (config.tie_word_embeddings and embed):
+            self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
+        self.requires_grad_(False)
+
+    # ---- weights -------------------------------------------------------------------------
+    def tensor_names(self) -> list[str]:
+        """The checkpoint tensors this stage needs (HF names)."""
+        c, names = self.config, []
+        if self.has_embed:
+            names.append("model.embed_tokens.weight")
+        for i in self.layer_range:
+            p = f"model.layers.{i}."
+            names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+            names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+            if c.qkv_bias:
+                names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+            if c.qk_norm:
+                names += [p + "self_attn.q_norm.weight", p + "self_attn.k_norm.weight"]
+            names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        if self.has_head:
+            names.append("model.norm.weight")
+            if self.lm_head is not None:
+                names.append("model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight")
+        return list(dict.fromkeys(names))
+
+    def load_state(self, t: dict[str, torch.Tensor]) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up; shapes are checked by name."""
+        def put(param: torch.Tensor, value: torch.Tensor, name: str):
+            if param.shape != value.shape:
+                raise WeightsError(f"{name}: checkpoint shape {tuple(value.shape)} != expected {tuple(param.shape)}")
+            param.copy_(value)
+
+        if self.has_embed:
+            put(self.embed_tokens.weight, t["model.embed_tokens.weight"], "model.embed_tokens.weight")
+        for layer, i in zip(self.layers, self.layer_range):
+            p = f"model.layers.{i}."
+            a = layer.attn
+            put(layer.input_norm.weight, t[p + "input_layernorm.weight"], p + "input_layernorm.weight")
+            put(layer.post_attn_norm.weight, t[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm.weight")
+            qkv = [t[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]
+            put(a.qkv_weight, torch.cat(qkv), p + "self_attn.qkv_proj.weight")
+            if a.qkv_bias is not None:
+                put(a.qkv_bias, torch.cat([t[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]), p + "self_attn.qkv_proj.bias")
+            put(a.o_weight, t[p + "self_attn.o_proj.weight"], p + "self_attn.o_proj.weight")
+            if a.q_norm is not None:
+                put(a.q_norm.weight, t[p + "self_attn.q_norm.weight"], p + "self_attn.q_norm.weight")
+                put(a.k_norm.weight, t[p + "self_attn.k_norm.weight"], p + "self_attn.k_norm.weight")
+            gate_up = torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
+            put(layer.mlp.gate_up_weight, gate_up, p + "mlp.gate_up_proj.weight")
+            put(layer.mlp.down_weight, t[p + "mlp.down_proj.weight"], p + "mlp.down_proj.weight")
+        if self.has_head:
+            put(self.norm.weight, t["model.norm.weight"], "model.norm.weight")
+            if self.lm_head is not None:
+                name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+                put(self.lm_head, t[name], name)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, layers: range | None = None, embed: bool = True, head: bool = True,
+                        dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        config: ModelConfig | None = None, verify: bool = True) -> "StageModel":
+        config = config or ModelConfig.from_dir(model_dir)
+        dtype = parse_dtype(dtype)
+        with torch.device("meta"):
+            stage = cls(config, layers, embed, head)
+        stage = stage.to_empty(device=device).to(dtype)
+        stage.rotary = Rotary(config).to(device)  # buffers computed, not loaded
+        tensors = load_tensors(model_dir, stage.tensor_names(), verify=verify)
+        stage.load_state(tensors)
+        return stage
+
+    # ---- compute -------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layers[0].attn.qkv_weight.dtype if len(self.layers) else (
+            self.embed_tokens.weight.dtype if self.embed_tokens is not None else self.norm.weight.dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def new_kv_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
+        c = self.config
+        return PagedKVCache(len(self.layers), num_blocks, block_size, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids)
+
+    def forward(self, x: torch.Tensor, kv: PagedKVCache, meta: AttentionMetadata) -> torch.Tensor:
+        """x [T, H] -> [T, H] through this stage's layers, reading and writing ``kv``."""
+        if not len(self.layers):
+            return x
+        x = x.to(self.dtype)
+        cos, sin = self.rotary.cos_sin(meta.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv.layer(i), meta)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm and head: [N, H] -> [N, V] float32 logits."""
+        w = self.lm_head if self.lm_head is not None else self.embed_tokens.weight
+        return torch.nn.functional.linear(self.norm(x.to(self.dtype)), w).float()
