@@ -18,7 +18,9 @@ import torch
 from dllm.batch import SeqChunk
 from dllm.errors import RequestError
 from dllm.model.runner import StageRunner
-from dllm.sampling import SamplingParams, make_generator, sample
+from dllm.sampling import SamplingParams, filtered_probs, make_generator, sample
+from dllm.spec.accept import sample_accept
+from dllm.spec.tree import DraftTree, greedy_accept
 
 
 class Pipeline(Protocol):
@@ -54,6 +56,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose KV is on every stage
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    commit: tuple[int, tuple[int, ...]] | None = None  # accepted tree nodes to compact on the next pass
 
     @property
     def tokens(self) -> list[int]:
@@ -64,10 +67,33 @@ class Sequence:
         return self.finish_reason is not None
 
 
+@dataclass
+class SpecStats:
+    """Running totals of speculative verification, for metrics and the planner."""
+
+    passes: int = 0
+    drafted: int = 0
+    accepted: int = 0  # tokens committed per pass (= drafts accepted + the bonus token)
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.passes += 1
+        self.drafted += drafted
+        self.accepted += accepted
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.accepted / self.passes if self.passes else 0.0
+
+
 class Engine:
     def __init__(self, head: StageRunner, pipeline: Pipeline | None = None, eos_ids=(),
-                 max_batch_tokens: int = 2048, max_seqs: int = 64):
+                 max_batch_tokens: int = 2048, max_seqs: int = 64, drafter=None, spec_depth: int = 4,
+                 spec_width: int = 1, planner=None):
         self.head = head
+        self.drafter = drafter
+        self.spec_depth, self.spec_width = spec_depth, spec_width
+        self.planner = planner
+        self.stats = SpecStats()
         self.model = head.model
         self.pipeline = pipeline
         self.eos_ids = set(eos_ids)
@@ -108,6 +134,8 @@ class Engine:
             self.running.remove(seq)
             self._reserved -= self._blocks_for(seq)
             self.head.free(seq.seq_id)
+            if self.drafter is not None:
+                self.drafter.release(seq.seq_id)
             if self.pipeline is not None:
                 self.pipeline.free(seq.seq_id)
 
@@ -144,40 +172,92 @@ class Engine:
             x = self.pipeline.forward(x, chunks)
         return x
 
+    def tree_shape(self) -> tuple[int, int]:
+        """(depth, width) of the next draft tree: the planner's choice, else the fixed one."""
+        return self.planner.shape() if self.planner is not None else (self.spec_depth, self.spec_width)
+
+    def _draft(self, s: Sequence) -> DraftTree | None:
+        """A draft tree for a decode-ready sequence, or None for a plain one-token step."""
+        if self.drafter is None:
+            return None
+        depth, width = self.tree_shape()
+        depth = min(depth, s.params.max_tokens - len(s.output) - 1)
+        if depth <= 0:
+            return None
+        tree = self.drafter.propose(s.seq_id, s.tokens, depth, width)
+        return tree if len(tree) > 1 else None
+
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
-        """Run one pass; return the sequences that got a new token (finished ones included)."""
+        """Run one pass; return the sequences that got new tokens (finished ones included)."""
         self._admit()
         plan = self._schedule()
         if not plan:
             return []
-        chunks = [SeqChunk(s.seq_id, s.cached, n) for s, n in plan]
-        ids = torch.tensor([t for s, n in plan for t in s.tokens[s.cached:s.cached + n]], device=self.model.device)
-        hidden = self.forward(ids, chunks)
-        rows, sampled = [], []
-        row = 0
+        chunks, ids, trees = [], [], []
         for s, n in plan:
-            row += n
-            s.cached += n
-            if s.cached == len(s.tokens):  # prompt fully in: this row's logits choose the next token
-                rows.append(row - 1)
-                sampled.append(s)
-        if not sampled:
+            tree = self._draft(s) if n == 1 else None
+            if tree is None:
+                chunks.append(SeqChunk(s.seq_id, s.cached, n, commit=s.commit))
+                ids += s.tokens[s.cached:s.cached + n]
+            else:
+                chunks.append(SeqChunk(s.seq_id, s.cached, len(tree), tuple(tree.parents), commit=s.commit))
+                ids += tree.tokens
+            s.commit = None
+            trees.append(tree)
+        hidden = self.forward(torch.tensor(ids, device=self.model.device), chunks)
+        # rows whose logits we need: every node of a tree; the last row of a finished prompt/decode
+        rows, row, done = [], 0, []
+        for (s, n), c, tree in zip(plan, chunks, trees):
+            if tree is not None:
+                done.append((s, tree, len(rows)))
+                rows += range(row, row + c.length)
+            elif s.cached + n == len(s.tokens):
+                done.append((s, None, len(rows)))
+                rows.append(row + c.length - 1)
+            else:
+                s.cached += n  # a prefill chunk that is not the prompt's last
+            row += c.length
+        if not done:
             return []
         logits = self.model.logits(hidden[rows])
-        tokens = sample(logits, [s.params for s in sampled], [s.generator for s in sampled]).tolist()
-        for s, t in zip(sampled, tokens):
-            self._append(s, t)
-        return sampled
+        plain = [(s, off) for s, tree, off in done if tree is None]
+        if plain:
+            tokens = sample(logits[[off for _, off in plain]], [s.params for s, _ in plain],
+                            [s.generator for s, _ in plain]).tolist()
+            for (s, _), t in zip(plain, tokens):
+                s.cached = len(s.tokens)
+                self._append(s, [t])
+        for s, tree, off in done:
+            if tree is not None:
+                self._accept_tree(s, tree, logits[off:off + len(tree)])
+        return [s for s, _, _ in done]
 
-    def _append(self, s: Sequence, token: int) -> None:
-        s.output.append(token)
-        if token in self.eos_ids and not s.params.ignore_eos:
-            s.finish_reason = "stop"
-        elif len(s.output) >= s.params.max_tokens:
-            s.finish_reason = "length"
-        if s.finished:
-            self._release(s)
+    def _accept_tree(self, s: Sequence, tree: DraftTree, logits: torch.Tensor) -> None:
+        if s.params.greedy:
+            accepted, bonus = greedy_accept(tree, logits.argmax(-1).tolist())
+        else:
+            probs = torch.stack([filtered_probs(row, s.params) for row in logits])
+            accepted, bonus = sample_accept(tree, probs, s.generator)
+        tree_start = s.cached
+        s.cached += len(accepted)
+        if accepted != list(range(len(accepted))):
+            s.commit = (tree_start, tuple(accepted))  # rides on this sequence's next chunk
+        self.stats.record(len(tree) - 1, len(accepted))
+        if self.planner is not None:
+            self.planner.observe(tree, accepted)
+        self._append(s, [tree.tokens[i] for i in accepted[1:]] + [bonus])
+
+    def _append(self, s: Sequence, tokens: list[int]) -> None:
+        for token in tokens:
+            s.output.append(token)
+            if token in self.eos_ids and not s.params.ignore_eos:
+                s.finish_reason = "stop"
+            elif len(s.output) >= s.params.max_tokens:
+                s.finish_reason = "length"
+            if s.finished:
+                self._release(s)
+                return
 
     # ---- convenience -------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[int]:

@@ -1,0 +1,129 @@
+"""Runtime benchmark on CPU: dllm vs HF transformers eager, and the memory-bandwidth roofline.
+
+Same prompt, dtype, thread count and greedy decoding for both; the machine's read bandwidth is
+measured in the same run so the roofline (weight bytes read per token / bandwidth) is known.
+Run: ``dllm bench --model smollm2 --model qwen-coder-1.5b`` or ``python -m bench.runtime_cpu``.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import median, read_bandwidth_gbs, write_result
+
+PROMPT_FILE = Path(__file__).parent / "data" / "runtime_prompt.txt"
+
+
+def prompt_ids(tok, n: int) -> list[int]:
+    ids = tok.encode(PROMPT_FILE.read_text())
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def weight_bytes_per_token(stage) -> int:
+    """Bytes of weights one decode step reads: every layer, the final norm and the head matrix
+    (the embedding lookup reads one row; a tied head reads the embedding matrix once)."""
+    total = sum(p.numel() * p.element_size() for p in stage.parameters())
+    if stage.embed_tokens is not None and stage.lm_head is not None:
+        total -= stage.embed_tokens.weight.numel() * stage.embed_tokens.weight.element_size()
+    return total
+
+
+def time_dllm(engine, ids, new_tokens, repeats=3):
+    from dllm.sampling import SamplingParams
+
+    engine.generate_all(ids[:16], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    prefill, decode = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        stamps = []
+        for _tok in engine.generate(ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True)):
+            stamps.append(time.perf_counter())
+        prefill.append(len(ids) / (stamps[0] - t0))
+        decode.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return median(prefill), median(decode)
+
+
+def time_hf(model_dir, ids, new_tokens, dtype, repeats=3):
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=dtype, attn_implementation="eager").eval()
+    model.generation_config.eos_token_id = None
+    x = torch.tensor([ids])
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+    model.generate(x[:, :16], **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})
+    prefill, decode = [], []
+    for _ in range(repeats):
+        s = Stamps()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(x, streamer=s, **kw)
+        first, last = s.t[1], s.t[-1]  # put #0 is the prompt itself
+        prefill.append(len(ids) / (first - t0))
+        decode.append((len(s.t) - 2) / (last - first))
+    del model
+    gc.collect()
+    return median(prefill), median(decode)
+
+
+def bench_model(name, prompt_tokens, new_tokens, dtype, hf, bandwidth):
+    from dllm.fetch import resolve_model
+    from dllm.launch import local_engine
+    from dllm.model.stage import parse_dtype
+    from dllm.tokenizer import Tokenizer
+
+    model_dir = resolve_model(name)
+    ids = prompt_ids(Tokenizer.from_dir(model_dir), prompt_tokens)
+    engine = local_engine(model_dir, dtype=dtype, kv_tokens=prompt_tokens + new_tokens + 64)
+    wbytes = weight_bytes_per_token(engine.model)
+    d_pre, d_dec = time_dllm(engine, ids, new_tokens)
+    del engine
+    gc.collect()
+    row = {"dtype": dtype, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+           "dllm_tok_s": round(d_dec, 2), "dllm_prefill_tok_s": round(d_pre, 1),
+           "weight_bytes_per_token": wbytes, "roofline_tok_s": round(bandwidth * 1e9 / wbytes, 2)}
+    row["roofline_fraction"] = round(d_dec / row["roofline_tok_s"], 3)
+    if hf:
+        h_pre, h_dec = time_hf(model_dir, ids, new_tokens, parse_dtype(dtype))
+        row.update(hf_tok_s=round(h_dec, 2), hf_prefill_tok_s=round(h_pre, 1), speedup=round(d_dec / h_dec, 2),
+                   hf_roofline_fraction=round(h_dec / row["roofline_tok_s"], 3))
+    return row
+
+
+def run_bench(models, prompt_tokens=128, new_tokens=64, dtype="float32", threads=2, hf=True,
+              out="bench/results/runtime-cpu.json"):
+    torch.set_num_threads(threads)
+    bandwidth = read_bandwidth_gbs()
+    rows = {}
+    print(f"read bandwidth {bandwidth:.1f} GB/s, {threads} threads")
+    print(f"{'model':18} {'dllm tok/s':>10} {'hf tok/s':>9} {'speedup':>8} {'roofline':>9} {'fraction':>9}")
+    for name in models:
+        key = name if dtype == "float32" else f"{name}-{dtype}"
+        rows[key] = r = bench_model(name, prompt_tokens, new_tokens, dtype, hf, bandwidth)
+        print(f"{key:18} {r['dllm_tok_s']:>10.2f} {r.get('hf_tok_s', float('nan')):>9.2f} "
+              f"{r.get('speedup', float('nan')):>8.2f} {r['roofline_tok_s']:>9.2f} {r['roofline_fraction']:>9.3f}")
+    path = write_result(out, {"benchmark": "runtime-cpu", "threads": threads, "read_bandwidth_gbs": round(bandwidth, 2),
+                              "models": rows})
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_bench(sys.argv[1:] or ["smollm2"])

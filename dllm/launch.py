@@ -1,0 +1,65 @@
+"""Build an Engine from a model directory: the coordinator's stage plus the rest of the split.
+
+One place decides how a model directory becomes running stages, so the CLI, the server and the
+benchmarks all build the same thing.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dllm.config import ModelConfig
+from dllm.engine import Engine, LocalPipeline
+from dllm.model.runner import StageRunner
+from dllm.model.stage import StageModel
+from dllm.weights.manifest import Manifest
+
+
+def parse_split(text: str, num_layers: int) -> list[tuple[int, int]]:
+    """'0:12,12:24' -> [(0, 12), (12, 24)], checked to cover 0..num_layers contiguously."""
+    try:
+        ranges = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"bad --split {text!r}: expected A:B,B:C,…") from None
+    check_split(ranges, num_layers)
+    return ranges
+
+
+def check_split(ranges, num_layers: int) -> None:
+    if any(len(r) != 2 for r in ranges):
+        raise ValueError(f"bad split {ranges}: each range is A:B")
+    if ranges[0][0] != 0 or ranges[-1][1] != num_layers or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
+        raise ValueError(f"split {ranges} must cover layers 0:{num_layers} contiguously")
+    if any(b <= a for a, b in ranges[1:]):
+        raise ValueError(f"split {ranges}: every stage after the first needs at least one layer")
+
+
+def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
+    if not 1 <= stages <= num_layers:
+        raise ValueError(f"cannot split {num_layers} layers into {stages} stages")
+    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def default_split(model_dir: str | Path, num_layers: int, stages: int) -> list[tuple[int, int]]:
+    """The manifest's split when it has that many stages, else an even one."""
+    m = Manifest.load(model_dir)
+    if m is not None and len(m.stages) == stages:
+        return [tuple(s) for s in m.split()]
+    return even_split(num_layers, stages)
+
+
+def local_engine(model_dir: str | Path, stages: int = 1, split: list[tuple[int, int]] | None = None,
+                 dtype: str | torch.dtype = "float32", kv_tokens: int = 8192, block_size: int = 16,
+                 eos_ids=None, **engine_kw) -> Engine:
+    """All stages in this process (stage 0 holds embedding + head + its layers)."""
+    config = ModelConfig.from_dir(model_dir)
+    split = split or default_split(model_dir, config.num_layers, stages)
+    check_split(split, config.num_layers)
+    head = StageModel.from_pretrained(model_dir, layers=range(*split[0]), embed=True, head=True, dtype=dtype, config=config)
+    rest = [StageModel.from_pretrained(model_dir, layers=range(a, b), embed=False, head=False, dtype=dtype, config=config)
+            for a, b in split[1:]]
+    runners = [StageRunner.for_tokens(s, kv_tokens, block_size) for s in rest]
+    return Engine(StageRunner.for_tokens(head, kv_tokens, block_size), LocalPipeline(runners) if runners else None,
+                  eos_ids=config.eos_token_ids if eos_ids is None else eos_ids, **engine_kw)

@@ -1,0 +1,180 @@
+"""Speculative decoding is exactly greedy for any draft; sampling keeps the target distribution."""
+import math
+import random
+
+import pytest
+import torch
+
+from dllm.engine import Engine, LocalPipeline
+from dllm.model.runner import StageRunner
+from dllm.model.stage import StageModel
+from dllm.sampling import SamplingParams, filtered_probs
+from dllm.spec.drafters import ModelDrafter, NgramDrafter
+from dllm.spec.tree import DraftTree, greedy_accept
+
+
+class RandomTreeDrafter:
+    """Random tree shapes; each node is right (oracle) with probability p_right, else random."""
+
+    def __init__(self, rng, vocab, oracle=None, p_right=0.0, max_nodes=12):
+        self.rng, self.vocab, self.oracle, self.p_right, self.max_nodes = rng, vocab, oracle, p_right, max_nodes
+
+    def propose(self, seq_id, context, depth, width):
+        tree = DraftTree.root(context[-1])
+        for _ in range(self.rng.randint(0, self.max_nodes)):
+            parent = self.rng.randrange(len(tree))
+            if tree.depths()[parent] >= depth:
+                continue
+            tok = self.rng.randrange(self.vocab)
+            if self.oracle is not None and self.rng.random() < self.p_right:
+                path = [tree.tokens[i] for i in tree.path(parent)]
+                tok = self.oracle(context + path[1:])
+            tree.add(parent, tok)
+        return tree
+
+    def release(self, seq_id):
+        pass
+
+
+def greedy_oracle(stage):
+    def next_token(ctx):
+        r = StageRunner.for_tokens(stage, 512, 4)
+        from dllm.batch import SeqChunk
+
+        x = r.forward(stage.embed(torch.tensor(ctx)), [SeqChunk(0, 0, len(ctx))])
+        return int(stage.logits(x[-1:])[0].argmax())
+    return next_token
+
+
+def build(d, split):
+    head = StageModel.from_pretrained(d, layers=range(*split[0]))
+    rest = [StageRunner.for_tokens(StageModel.from_pretrained(d, layers=range(a, b), embed=False, head=False), 1024, 4)
+            for a, b in split[1:]]
+    return head, rest
+
+
+SPLITS = {1: [(0, 4)], 2: [(0, 2), (2, 4)], 3: [(0, 1), (1, 3), (3, 4)]}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_any_draft_gives_greedy_output(tiny_models, arch, stages):
+    d, _ = tiny_models[arch]
+    whole = StageModel.from_pretrained(d)
+    oracle = greedy_oracle(whole)
+    rng = random.Random(stages * 7 + len(arch))
+    cases = 0
+    for kind, p_right in [("wrong", 0.0), ("random", 0.3), ("mostly-right", 0.8), ("oracle", 1.0)]:
+        for trial in range(9):
+            prompt = [rng.randrange(128) for _ in range(rng.randint(1, 12))]
+            n = rng.randint(1, 16)
+            ref = Engine(StageRunner.for_tokens(whole, 512, 4)).generate_all(prompt, SamplingParams(max_tokens=n))
+            head, rest = build(d, SPLITS[stages])
+            drafter = RandomTreeDrafter(rng, 128, oracle if p_right else None, p_right)
+            eng = Engine(StageRunner.for_tokens(head, 1024, 4), LocalPipeline(rest) if rest else None,
+                         drafter=drafter, spec_depth=rng.randint(1, 5))
+            assert eng.generate_all(prompt, SamplingParams(max_tokens=n)) == ref, (kind, trial)
+            cases += 1
+    assert cases == 36
+
+
+def test_wrong_and_oracle_drafts_bound_acceptance(tiny_models):
+    d, _ = tiny_models["llama"]
+    whole = StageModel.from_pretrained(d)
+    oracle = greedy_oracle(whole)
+    prompt = [5, 6, 7]
+    for p_right, check in [(0.0, lambda m: m == 1.0), (1.0, lambda m: m > 3.0)]:
+        eng = Engine(StageRunner.for_tokens(whole, 1024, 4),
+                     drafter=RandomTreeDrafter(random.Random(1), 128, oracle, p_right, max_nodes=40), spec_depth=5)
+        eng.generate_all(prompt, SamplingParams(max_tokens=30))
+        assert check(eng.stats.mean_accepted), (p_right, eng.stats.mean_accepted)
+
+
+def test_many_sequences_batched_with_trees(tiny_models):
+    d, _ = tiny_models["qwen3"]
+    stage = StageModel.from_pretrained(d)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(128) for _ in range(rng.randint(2, 10))] for _ in range(6)]
+    solo = [Engine(StageRunner.for_tokens(stage, 512, 4)).generate_all(p, SamplingParams(max_tokens=12)) for p in prompts]
+    eng = Engine(StageRunner.for_tokens(stage, 4096, 4), drafter=RandomTreeDrafter(rng, 128, greedy_oracle(stage), 0.5),
+                 spec_depth=3)
+    seqs = [eng.add(p, SamplingParams(max_tokens=12)) for p in prompts]
+    while eng.has_work:
+        eng.step()
+    assert [s.output for s in seqs] == solo
+    assert eng.head.blocks.num_free == eng.head.blocks.num_blocks
+
+
+@pytest.mark.parametrize("drafter_kind", ["ngram", "model"])
+def test_real_drafters_keep_greedy(tiny_models, drafter_kind):
+    d, _ = tiny_models["qwen2"]
+    stage = StageModel.from_pretrained(d)
+    prompt = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    ref = Engine(StageRunner.for_tokens(stage, 512, 4)).generate_all(prompt, SamplingParams(max_tokens=40))
+    drafter = NgramDrafter() if drafter_kind == "ngram" else ModelDrafter(StageModel.from_pretrained(d), 1024, 4)
+    for width in (1, 3):
+        eng = Engine(StageRunner.for_tokens(stage, 1024, 4), drafter=drafter, spec_depth=4, spec_width=width)
+        assert eng.generate_all(prompt, SamplingParams(max_tokens=40)) == ref
+    if drafter_kind == "model":  # the target drafting for itself is always right
+        assert eng.stats.mean_accepted > 4.5
+
+
+def test_greedy_accept_walk():
+    t = DraftTree.root(10)
+    a = t.add(0, 11)
+    t.add(0, 12)
+    b = t.add(a, 13)
+    t.add(b, 14)
+    # target says: after root 11, after 11 -> 13, after 13 -> 99 (bonus)
+    nxt = {0: 11, a: 13, b: 99}
+    accepted, bonus = greedy_accept(t, [nxt.get(i, -1) for i in range(len(t))])
+    assert accepted == [0, a, b] and bonus == 99
+
+
+def test_speculative_sampling_matches_target_distribution(tiny_models):
+    """Chi-square: tokens emitted by speculative sampling follow the target's distribution."""
+    d, _ = tiny_models["llama"]
+    stage = StageModel.from_pretrained(d)
+    params = SamplingParams(temperature=1.5, max_tokens=2)
+    prompt = [3, 9, 27]
+    # exact target distribution of the 2nd generated token given the 1st, and of the 1st
+    from dllm.batch import SeqChunk
+
+    def dist(ctx):
+        r = StageRunner.for_tokens(stage, 256, 4)
+        x = r.forward(stage.embed(torch.tensor(ctx)), [SeqChunk(0, 0, len(ctx))])
+        return filtered_probs(stage.logits(x[-1:])[0], params)
+
+    p1 = dist(prompt)
+    # a drafter that proposes the target's most likely tokens (high acceptance) plus junk siblings
+    top = torch.topk(p1, 3).indices.tolist()
+
+    class Fixed:
+        def propose(self, seq_id, context, depth, width):
+            t = DraftTree.root(context[-1])
+            for tok in top:
+                t.add(0, tok)
+            return t
+
+        def release(self, seq_id):
+            pass
+
+    n = 3000
+    counts = torch.zeros_like(p1)
+    eng = Engine(StageRunner.for_tokens(stage, 2048, 4), drafter=Fixed(), spec_depth=1)
+    for i in range(n):
+        out = eng.generate_all(prompt, SamplingParams(temperature=1.5, max_tokens=1, seed=i))
+        counts[out[0]] += 1
+    # chi-square over tokens with expected count >= 5, the rest pooled
+    exp = p1 * n
+    big = exp >= 5
+    obs_b, exp_b = counts[big], exp[big]
+    chi2 = float(((obs_b - exp_b) ** 2 / exp_b).sum())
+    rest_o, rest_e = float(counts[~big].sum()), float(exp[~big].sum())
+    if rest_e > 0:
+        chi2 += (rest_o - rest_e) ** 2 / rest_e
+    dof = int(big.sum()) + (1 if rest_e > 0 else 0) - 1
+    # 99.9% quantile of chi2(dof) via Wilson–Hilferty
+    z = 3.09
+    crit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < crit, (chi2, crit, dof)
