@@ -9,6 +9,7 @@ budget, so new requests join between steps.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Protocol
@@ -184,7 +185,10 @@ class Engine:
         depth = min(depth, s.params.max_tokens - len(s.output) - 1)
         if depth <= 0:
             return None
+        t0 = time.perf_counter()
         tree = self.drafter.propose(s.seq_id, s.tokens, depth, width)
+        if self.planner is not None:
+            self.planner.observe_draft(depth, time.perf_counter() - t0)
         return tree if len(tree) > 1 else None
 
     @torch.inference_mode()
@@ -205,7 +209,10 @@ class Engine:
                 ids += tree.tokens
             s.commit = None
             trees.append(tree)
+        t0 = time.perf_counter()
         hidden = self.forward(torch.tensor(ids, device=self.model.device), chunks)
+        if self.planner is not None and any(t is not None for t in trees):
+            self.planner.observe_verify(len(ids), time.perf_counter() - t0)
         # rows whose logits we need: every node of a tree; the last row of a finished prompt/decode
         rows, row, done = [], 0, []
         for (s, n), c, tree in zip(plan, chunks, trees):

@@ -178,3 +178,32 @@ def test_speculative_sampling_matches_target_distribution(tiny_models):
     z = 3.09
     crit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
     assert chi2 < crit, (chi2, crit, dof)
+
+
+def test_planner_grows_tree_with_rtt_and_shrinks_with_bad_drafts():
+    from dllm.spec.planner import TreePlanner
+
+    def shape_for(rtt, a1):
+        p = TreePlanner(prior_a1=a1, prior_as=0.3, ema=0.0)
+        for n in (1, 5, 9, 17, 33):
+            p.observe_verify(n, rtt + 0.004 + 0.0005 * n)
+        p.observe_draft(4, 4 * 0.003)
+        return p._best()
+
+    low, high = shape_for(0.0, 0.7), shape_for(0.05, 0.7)
+    assert 1 + high[0] * high[1] > 1 + low[0] * low[1], (low, high)  # higher RTT -> bigger tree
+    assert shape_for(0.0, 0.02)[0] == 0  # hopeless drafter -> plain steps
+    assert shape_for(0.05, 0.9)[0] >= 6  # good drafter + long RTT -> deep chain
+
+
+def test_planner_learns_acceptance_from_trees():
+    from dllm.spec.planner import TreePlanner
+
+    p = TreePlanner(prior_a1=0.5, ema=0.2)
+    tree = DraftTree.chain(0, [1, 2, 3, 4])
+    for _ in range(30):
+        p.observe(tree, [0, 1, 2, 3, 4])  # all accepted
+    assert p.a1 > 0.95
+    for _ in range(30):
+        p.observe(tree, [0])  # nothing accepted
+    assert p.a1 < 0.05
