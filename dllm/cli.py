@@ -86,7 +86,7 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
         n += 1
         if t in engine.eos_ids:
             break
-        sys.stdout.write(stream.push(t))
+        sys.stdout.write(stream.feed(t))
         sys.stdout.flush()
     sys.stdout.write(stream.flush() + "\n")
     t1 = time.perf_counter()

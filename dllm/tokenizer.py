@@ -34,7 +34,7 @@ class Tokenizer:
         self.config = config
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
-        self.chat_template: str | None = config.get("chat_template")
+        self.chat_template: str | None = _default_template(config.get("chat_template"))
         self._template = None
         self.eos_token_ids: set[int] = self._find_eos_ids()
 
@@ -121,6 +121,13 @@ class Tokenizer:
 def _token_text(value) -> str | None:
     """tokenizer_config.json writes a special token as a string or as {"content": ...}."""
     return value.get("content") if isinstance(value, dict) else value
+
+
+def _default_template(value) -> str | None:
+    """Older tokenizer_config.json files hold a list of named templates; chat uses "default"."""
+    if isinstance(value, list):
+        return next((t["template"] for t in value if t.get("name") == "default"), None)
+    return value
 
 
 def _check_messages(messages) -> None:

@@ -113,12 +113,10 @@ def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str]) -> T
     """
     alphabet = set(bytes_to_unicode().values())
     vocab: dict[str, int] = {}
-    added: list[AddedToken] = []
+    added: dict[int, list[AddedToken]] = {_CONTROL: [], _USER_DEFINED: []}
     for i, (text, ttype) in enumerate(zip(tokens, types)):
-        if ttype in (_CONTROL, _USER_DEFINED):
-            # Control = special (skipped by decode(skip_special_tokens)); user-defined, like Qwen's
-            # <tool_call>, is matched whole but is ordinary output text, as in its tokenizer.json.
-            added.append(AddedToken(text, special=ttype == _CONTROL, normalized=False))
+        if ttype in added:
+            added[ttype].append(AddedToken(text, special=ttype == _CONTROL, normalized=False))
         elif not set(text) <= alphabet:
             text = "".join(bytes_to_unicode()[b] for b in text.encode("utf-8"))
         vocab.setdefault(text, i)
@@ -129,7 +127,11 @@ def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str]) -> T
             raise TokenizerError(f"GGUF merge {m!r} is not two space-separated tokens")
         pairs.append((parts[0], parts[1]))
     tok = Tokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False))
-    tok.add_tokens(added)  # ids come from the vocab, so nothing is appended past len(tokens)
+    # Ids come from the vocab, so nothing is appended past len(tokens). Control tokens are special
+    # (decode(skip_special_tokens) drops them); user-defined ones, like Qwen's <tool_call>, are
+    # matched whole but are ordinary output text, as in that model's own tokenizer.json.
+    tok.add_special_tokens(added[_CONTROL])
+    tok.add_tokens(added[_USER_DEFINED])
     if tok.get_vocab_size(with_added_tokens=True) != len(tokens):
         raise TokenizerError(
             f"rebuilt vocab has {tok.get_vocab_size(with_added_tokens=True)} entries, GGUF lists {len(tokens)} "
