@@ -37,6 +37,83 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None, local_stages=0,
+                 emulate_rtt=0.0, identity_path=None, deadline=30.0, draft="none", tree="auto", kv_tokens=8192,
+                 threads=None, eos_ids=None):
+    """Engine for `dllm run`: in-process stages, a remote chain (--peers), or local stage processes.
+
+    Returns (engine, cleanup callable)."""
+    from dllm.config import ModelConfig
+    from dllm.launch import chain_engine, default_split, local_engine, parse_split
+
+    cfg = ModelConfig.from_dir(model_dir)
+    cleanups = []
+    split_ranges = parse_split(split, cfg.num_layers) if split else None
+    spec_kw = _speculation(model_dir, draft, tree, dtype)
+    if local_stages and local_stages > 1:
+        from dllm.net.local_cluster import LocalCluster
+
+        ranges = split_ranges or default_split(model_dir, cfg.num_layers, local_stages)
+        if len(ranges) != local_stages:
+            raise click.UsageError(f"--split has {len(ranges)} ranges but --local-stages is {local_stages}")
+        cluster = LocalCluster(model_dir, ranges[1:], dtype=dtype, kv_tokens=kv_tokens, emulate_rtt_ms=emulate_rtt,
+                               threads=threads)
+        cleanups.append(cluster.stop)
+        peers = [str(a) for a in cluster.addresses]
+        first = ranges[0]
+    elif peers:
+        first = split_ranges[0] if split_ranges else None
+    else:
+        engine = local_engine(model_dir, stages=stages, split=split_ranges, dtype=dtype, kv_tokens=kv_tokens,
+                              eos_ids=eos_ids, **spec_kw)
+        return engine, lambda: None
+    from dllm.net.crypto import Identity
+
+    ident = Identity.load(identity_path) if identity_path else Identity.generate()
+    try:
+        engine = chain_engine(model_dir, peers, first, identity=ident, dtype=dtype, kv_tokens=kv_tokens,
+                              emulate_rtt_ms=emulate_rtt, deadline_s=deadline, eos_ids=eos_ids, **spec_kw)
+    except BaseException:
+        for c in cleanups:
+            c()
+        raise
+
+    def cleanup():
+        engine.pipeline.close()
+        for c in cleanups:
+            c()
+    return engine, cleanup
+
+
+def _speculation(model_dir, draft: str, tree: str, dtype: str) -> dict:
+    """Engine keyword arguments for --draft and --tree."""
+    if draft in (None, "", "none"):
+        return {}
+    from dllm.spec.drafters import ModelDrafter, NgramDrafter, check_draft_compatible
+    from dllm.spec.planner import TreePlanner
+
+    if draft == "ngram":
+        drafter = NgramDrafter()
+    else:
+        from dllm.fetch import resolve_model
+
+        draft_dir = resolve_model(draft)
+        check_draft_compatible(model_dir, draft_dir)
+        drafter = ModelDrafter.from_pretrained(draft_dir, dtype=dtype)
+    kw = {"drafter": drafter}
+    if tree == "auto":
+        kw["planner"] = TreePlanner()
+    elif tree == "chain":
+        kw.update(spec_depth=4, spec_width=1)
+    else:
+        try:
+            w, d = (int(v) for v in tree.lower().split("x"))
+        except ValueError:
+            raise click.BadParameter(f"--tree {tree!r}: expected auto, chain or WxD (e.g. 2x4)") from None
+        kw.update(spec_depth=d, spec_width=w)
+    return kw
+
+
 @main.command()
 @click.option("--prompt", help="Generate an answer to this user message and exit.")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model directory, .gguf file or known name.")
@@ -50,13 +127,21 @@ def _threads(n: int | None) -> None:
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
 @click.option("--stages", default=1, show_default=True, type=int, help="Run the layers as N in-process stages.")
 @click.option("--split", default=None, help="Layer ranges, e.g. 0:12,12:24 (default: manifest's or even).")
+@click.option("--peers", default=None, help="Comma-separated KEY@host:port stage servers (spares welcome).")
+@click.option("--local-stages", default=0, type=int, help="Start N-1 stage processes on 127.0.0.1 and chain them.")
+@click.option("--identity", "identity_path", default=None, type=click.Path(dir_okay=False),
+              help="Coordinator identity (default: a fresh one).")
+@click.option("--emulate-rtt", default=0.0, show_default=True, type=float, help="Delay each hop by RTT/2 ms.")
+@click.option("--deadline", default=30.0, show_default=True, type=float, help="Seconds before a stalled pass fails over.")
+@click.option("--draft", default="none", show_default=True, help="Draft model (dir or name), 'ngram' or 'none'.")
+@click.option("--tree", default="auto", show_default=True, help="Draft tree: auto, chain or WxD.")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: torch's).")
-def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed, dtype, stages, split, threads):
+def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed, dtype, stages, split, peers,
+        local_stages, identity_path, emulate_rtt, deadline, draft, tree, threads):
     """Run the model: answer --prompt, streaming to stdout, tokens/s to stderr."""
+    from dllm.config import ModelConfig
     from dllm.errors import RequestError
     from dllm.fetch import resolve_model
-    from dllm.launch import local_engine, parse_split
-    from dllm.config import ModelConfig
     from dllm.sampling import SamplingParams
     from dllm.tokenizer import StreamDecoder, Tokenizer
 
@@ -68,14 +153,26 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
     model_dir = resolve_model(model)
     tok = Tokenizer.from_dir(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    engine = local_engine(model_dir, stages=stages, split=parse_split(split, cfg.num_layers) if split else None,
-                          dtype=dtype, eos_ids=sorted(tok.eos_token_ids | set(cfg.eos_token_ids)))
-    if raw:
-        ids = tok.encode(prompt)
-    else:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        ids = tok.encode_chat(messages)
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+    engine, cleanup = build_engine(model_dir, stages=stages, split=split, dtype=dtype,
+                                   peers=peers.split(",") if peers else None, local_stages=local_stages,
+                                   emulate_rtt=emulate_rtt, identity_path=identity_path, deadline=deadline,
+                                   draft=draft, tree=tree, threads=threads,
+                                   eos_ids=sorted(tok.eos_token_ids | set(cfg.eos_token_ids)))
+    try:
+        if raw:
+            ids = tok.encode(prompt)
+        else:
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = tok.encode_chat(messages)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+        _stream_answer(engine, tok, ids, params)
+    finally:
+        cleanup()
+
+
+def _stream_answer(engine, tok, ids, params) -> None:
+    from dllm.tokenizer import StreamDecoder
+
     stream = StreamDecoder(tok)
     t0 = time.perf_counter()
     t_first = None
@@ -91,8 +188,70 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
     sys.stdout.write(stream.flush() + "\n")
     t1 = time.perf_counter()
     decode_rate = (n - 1) / (t1 - t_first) if n > 1 else 0.0
+    extra = f", {engine.stats.mean_accepted:.2f} tokens/pass" if engine.stats.passes else ""
     click.echo(f"[{n} tokens, prompt {len(ids)} tokens, first token {1000 * (t_first - t0):.0f} ms, "
-               f"decode {decode_rate:.1f} tok/s]", err=True)
+               f"decode {decode_rate:.1f} tok/s{extra}]", err=True)
+
+
+@main.command()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Identity file to create (mode 0600).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def keygen(out, force):
+    """Make an ed25519 node identity and print its public key."""
+    from dllm.net.crypto import Identity
+
+    ident = Identity.generate()
+    ident.save(out, overwrite=force)
+    click.echo(ident.public_key)
+
+
+@main.command()
+@click.option("--model", required=True, help="Model directory (or known name).")
+@click.option("--layers", required=True, help="Layer range A:B this stage serves.")
+@click.option("--listen", default="127.0.0.1:7000", show_default=True, help="HOST:PORT to listen on.")
+@click.option("--identity", "identity_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--allow", default=None, help="Comma-separated public keys allowed to connect (default: any authenticated key).")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--kv-tokens", default=8192, show_default=True, type=int, help="KV cache capacity in tokens.")
+@click.option("--emulate-rtt", default=0.0, show_default=True, type=float, help="Delay each outgoing hop by RTT/2 ms.")
+@click.option("--session-ttl", default=600.0, show_default=True, type=float, help="Free sequences idle this long (s).")
+@click.option("--threads", default=None, type=int)
+def stage(model, layers, listen, identity_path, allow, dtype, kv_tokens, emulate_rtt, session_ttl, threads):
+    """Serve layers A:B of a model to coordinators over an encrypted WebSocket."""
+    import asyncio
+
+    from dllm.fetch import resolve_model
+    from dllm.model.runner import StageRunner
+    from dllm.model.stage import StageModel
+    from dllm.net.crypto import Identity
+    from dllm.net.stage_server import StageServer, serve_stage
+
+    _threads(threads)
+    ident = Identity.load(identity_path)
+    model_dir = resolve_model(model)
+    try:
+        a, b = (int(v) for v in layers.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"--layers {layers!r}: expected A:B") from None
+    host, _, port = listen.rpartition(":")
+    model_ = StageModel.from_pretrained(model_dir, layers=range(a, b), embed=False, head=False, dtype=dtype)
+    server = StageServer(StageRunner.for_tokens(model_, kv_tokens), ident, model_name=str(model_dir),
+                         allowed=allow.split(",") if allow else None, emulate_rtt_ms=emulate_rtt,
+                         session_ttl_s=session_ttl)
+
+    async def main_():
+        runner = await serve_stage(server, host, int(port))
+        click.echo(f"ready {ident.public_key}@{host}:{port}")
+        sys.stdout.flush()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main_())
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command()

@@ -17,7 +17,7 @@ from typing import Iterator, Protocol
 import torch
 
 from dllm.batch import SeqChunk
-from dllm.errors import RequestError
+from dllm.errors import ChainError, RequestError, StageBusy, StageFailure
 from dllm.model.runner import StageRunner
 from dllm.sampling import SamplingParams, filtered_probs, make_generator, sample
 from dllm.spec.accept import sample_accept
@@ -58,6 +58,7 @@ class Sequence:
     cached: int = 0  # tokens whose KV is on every stage
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     commit: tuple[int, tuple[int, ...]] | None = None  # accepted tree nodes to compact on the next pass
+    error: str | None = None  # why it ended, when finish_reason is "error" or "busy"
 
     @property
     def tokens(self) -> list[int]:
@@ -95,6 +96,8 @@ class Engine:
         self.spec_depth, self.spec_width = spec_depth, spec_width
         self.planner = planner
         self.stats = SpecStats()
+        self.max_failovers = 3
+        self.failovers = 0
         self.model = head.model
         self.pipeline = pipeline
         self.eos_ids = set(eos_ids)
@@ -210,7 +213,19 @@ class Engine:
             s.commit = None
             trees.append(tree)
         t0 = time.perf_counter()
-        hidden = self.forward(torch.tensor(ids, device=self.model.device), chunks)
+        try:
+            hidden = self.forward(torch.tensor(ids, device=self.model.device), chunks)
+        except StageBusy as e:
+            # no KV room on some stage: refuse the sequences this pass was starting, keep the rest
+            for s, n in plan:
+                if s.cached == 0:
+                    s.error = str(e)
+                    s.finish_reason = "busy"
+                    self._release(s)
+            return [s for s, _ in plan if s.finished]
+        except StageFailure as e:
+            self._failover(e)
+            return []
         if self.planner is not None and any(t is not None for t in trees):
             self.planner.observe_verify(len(ids), time.perf_counter() - t0)
         # rows whose logits we need: every node of a tree; the last row of a finished prompt/decode
@@ -266,6 +281,51 @@ class Engine:
                 self._release(s)
                 return
 
+    # ---- failover ----------------------------------------------------------------------------------
+    def _failover(self, cause: Exception) -> None:
+        """Swap dead stages for spares, then rebuild every stage's KV by replaying committed tokens.
+
+        Replay is a prefill of exactly the tokens each sequence has committed, so the KV layout
+        afterwards is what an uninterrupted run would hold, and decoding continues identically.
+        """
+        recover = getattr(self.pipeline, "recover", None)
+        last = cause
+        for _ in range(self.max_failovers):
+            try:
+                if recover is None:
+                    raise ChainError(f"stage failure and no way to recover: {last}")
+                recover()
+                self._replay()
+                self.failovers += 1
+                return
+            except StageFailure as e:
+                last = e
+            except ChainError as e:
+                last = e
+                break
+        for s in list(self.running):
+            s.error = f"stage chain failed: {last}"
+            s.finish_reason = "error"
+            self._release(s)
+        raise ChainError(f"stage chain failed and could not be repaired: {last}")
+
+    def _replay(self) -> None:
+        todo = [(s, 0) for s in self.running if s.cached > 0]
+        for s, _ in todo:
+            s.commit = None
+        while todo:
+            budget, batch = self.max_batch_tokens, []
+            while todo and budget > 0:
+                s, at = todo.pop(0)
+                n = min(s.cached - at, budget)
+                batch.append((s, at, n))
+                budget -= n
+                if at + n < s.cached:
+                    todo.insert(0, (s, at + n))
+            chunks = [SeqChunk(s.seq_id, at, n) for s, at, n in batch]
+            ids = [t for s, at, n in batch for t in s.tokens[at:at + n]]
+            self.forward(torch.tensor(ids, device=self.model.device), chunks)
+
     # ---- convenience -------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams | None = None) -> Iterator[int]:
         """Tokens of one sequence as they come (other queued sequences advance too)."""
@@ -277,6 +337,8 @@ class Engine:
                 while emitted < len(seq.output):
                     emitted += 1
                     yield seq.output[emitted - 1]
+            if seq.finish_reason == "busy":
+                raise StageBusy(seq.error or "a stage is busy")
         finally:
             if not seq.finished:
                 self.abort(seq)

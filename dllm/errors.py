@@ -27,3 +27,15 @@ class RequestError(DllmError):
 
 class FetchError(DllmError):
     """A default model could not be downloaded, assembled or verified."""
+
+
+class StageFailure(DllmError):
+    """A pass through the stage chain failed or stalled; the pipeline may recover by failover."""
+
+
+class StageBusy(KVBudgetExceeded):
+    """A remote stage has no KV room for the request right now."""
+
+
+class ChainError(DllmError):
+    """The stage chain cannot be built: no live peer serves some layer range."""

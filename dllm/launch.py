@@ -63,3 +63,22 @@ def local_engine(model_dir: str | Path, stages: int = 1, split: list[tuple[int, 
     runners = [StageRunner.for_tokens(s, kv_tokens, block_size) for s in rest]
     return Engine(StageRunner.for_tokens(head, kv_tokens, block_size), LocalPipeline(runners) if runners else None,
                   eos_ids=config.eos_token_ids if eos_ids is None else eos_ids, **engine_kw)
+
+
+def chain_engine(model_dir: str | Path, peers, split_first: tuple[int, int] | None = None, *,
+                 identity=None, dtype: str | torch.dtype = "float32", kv_tokens: int = 8192, block_size: int = 16,
+                 emulate_rtt_ms: float = 0.0, deadline_s: float = 30.0, eos_ids=None, **engine_kw) -> Engine:
+    """Coordinator: embedding + head + layers ``split_first`` here, the rest over RemoteChain."""
+    from dllm.net.chain import RemoteChain
+    from dllm.net.crypto import Identity
+
+    config = ModelConfig.from_dir(model_dir)
+    if split_first is None:
+        m = Manifest.load(model_dir)
+        split_first = tuple(m.split()[0]) if m is not None and len(m.stages) > 1 else (0, 0)
+    head = StageModel.from_pretrained(model_dir, layers=range(*split_first), embed=True, head=True, dtype=dtype,
+                                      config=config)
+    chain = RemoteChain(identity or Identity.generate(), list(peers), split_first[1], config.num_layers,
+                        emulate_rtt_ms=emulate_rtt_ms, deadline_s=deadline_s)
+    return Engine(StageRunner.for_tokens(head, kv_tokens, block_size), chain,
+                  eos_ids=config.eos_token_ids if eos_ids is None else eos_ids, **engine_kw)
