@@ -82,7 +82,7 @@ def time_hf(model_dir, ids, new_tokens, dtype, repeats=3):
 
 
 def bench_model(name, prompt_tokens, new_tokens, dtype, hf, bandwidth):
-    from dllm.fetch import resolve_model
+    from dllm.fetch import model_path as resolve_model
     from dllm.launch import local_engine
     from dllm.model.stage import parse_dtype
     from dllm.tokenizer import Tokenizer

@@ -95,7 +95,7 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str) -> dict:
     if draft == "ngram":
         drafter = NgramDrafter()
     else:
-        from dllm.fetch import resolve_model
+        from dllm.fetch import model_path as resolve_model
 
         draft_dir = resolve_model(draft)
         check_draft_compatible(model_dir, draft_dir)
@@ -141,7 +141,7 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
     """Run the model: answer --prompt, streaming to stdout, tokens/s to stderr."""
     from dllm.config import ModelConfig
     from dllm.errors import RequestError
-    from dllm.fetch import resolve_model
+    from dllm.fetch import model_path as resolve_model
     from dllm.sampling import SamplingParams
     from dllm.tokenizer import StreamDecoder, Tokenizer
 
@@ -220,7 +220,7 @@ def stage(model, layers, listen, identity_path, allow, dtype, kv_tokens, emulate
     """Serve layers A:B of a model to coordinators over an encrypted WebSocket."""
     import asyncio
 
-    from dllm.fetch import resolve_model
+    from dllm.fetch import model_path as resolve_model
     from dllm.model.runner import StageRunner
     from dllm.model.stage import StageModel
     from dllm.net.crypto import Identity

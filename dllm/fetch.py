@@ -240,3 +240,25 @@ def resolve_model(name_or_path: str | Path, dtype: str = "float32") -> Path:
     if p.exists():
         raise FetchError(f"{p} is neither a model dir (no config.json) nor a .gguf file")
     raise FetchError(f"{name_or_path!r} is not a path and not a known model ({', '.join(sorted(MODELS))})")
+
+
+def model_path(name_or_path: str | Path, dtype: str = "float32") -> Path:
+    """Like resolve_model, but a .gguf file is converted (once, cached by its sha256) into a model dir."""
+    p = resolve_model(name_or_path, dtype)
+    if p.is_dir():
+        return p
+    from dllm.weights.manifest import sha256_file_cached
+
+    digest = sha256_file_cached(p)
+    out = cache_dir() / "models" / f"gguf-{digest[:16]}-{dtype}"
+    with _locked(f"model-gguf-{digest[:16]}-{dtype}"):
+        try:
+            m = Manifest.load(out)
+        except WeightsError:
+            m = None
+        if m is None or m.source.get("sha256") != digest or m.dtype != dtype:
+            from dllm.convert import convert
+
+            _say(f"converting {p.name} to {dtype} in {out}")
+            convert(p, out, stages=1, dtype=dtype, progress=True, overwrite=True)
+    return out
