@@ -39,7 +39,7 @@ def _threads(n: int | None) -> None:
 
 def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None, local_stages=0,
                  emulate_rtt=0.0, identity_path=None, deadline=30.0, draft="none", tree="auto", kv_tokens=8192,
-                 threads=None, eos_ids=None):
+                 threads=None, eos_ids=None, drafters=None, draft_deadline=0.05):
     """Engine for `dllm run`: in-process stages, a remote chain (--peers), or local stage processes.
 
     Returns (engine, cleanup callable)."""
@@ -49,7 +49,7 @@ def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None
     cfg = ModelConfig.from_dir(model_dir)
     cleanups = []
     split_ranges = parse_split(split, cfg.num_layers) if split else None
-    spec_kw = _speculation(model_dir, draft, tree, dtype)
+    spec_kw = _speculation(model_dir, draft, tree, dtype, drafters, draft_deadline, cfg.vocab_size)
     if local_stages and local_stages > 1:
         from dllm.net.local_cluster import LocalCluster
 
@@ -85,14 +85,17 @@ def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None
     return engine, cleanup
 
 
-def _speculation(model_dir, draft: str, tree: str, dtype: str) -> dict:
-    """Engine keyword arguments for --draft and --tree."""
-    if draft in (None, "", "none"):
+def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, draft_deadline=0.05,
+                 vocab_size=1 << 31) -> dict:
+    """Engine keyword arguments for --draft, --drafters and --tree."""
+    if draft in (None, "", "none") and not drafters:
         return {}
     from dllm.spec.drafters import ModelDrafter, NgramDrafter, check_draft_compatible
     from dllm.spec.planner import TreePlanner
 
-    if draft == "ngram":
+    if draft in (None, "", "none"):
+        drafter = None
+    elif draft == "ngram":
         drafter = NgramDrafter()
     else:
         from dllm.fetch import model_path as resolve_model
@@ -100,6 +103,10 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str) -> dict:
         draft_dir = resolve_model(draft)
         check_draft_compatible(model_dir, draft_dir)
         drafter = ModelDrafter.from_pretrained(draft_dir, dtype=dtype)
+    if drafters:
+        from dllm.spec.remote import ForestDrafter
+
+        drafter = ForestDrafter(drafter, drafters, vocab_size=vocab_size, deadline_s=draft_deadline)
     kw = {"drafter": drafter}
     if tree == "auto":
         kw["planner"] = TreePlanner()
@@ -135,9 +142,12 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str) -> dict:
 @click.option("--deadline", default=30.0, show_default=True, type=float, help="Seconds before a stalled pass fails over.")
 @click.option("--draft", default="none", show_default=True, help="Draft model (dir or name), 'ngram' or 'none'.")
 @click.option("--tree", default="auto", show_default=True, help="Draft tree: auto, chain or WxD.")
+@click.option("--drafters", default=None, help="Comma-separated KEY@host:port remote drafter nodes.")
+@click.option("--draft-deadline", default=50.0, show_default=True, type=float,
+              help="Milliseconds to wait for remote drafts before verifying without them.")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: torch's).")
 def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed, dtype, stages, split, peers,
-        local_stages, identity_path, emulate_rtt, deadline, draft, tree, threads):
+        local_stages, identity_path, emulate_rtt, deadline, draft, tree, drafters, draft_deadline, threads):
     """Run the model: answer --prompt, streaming to stdout, tokens/s to stderr."""
     from dllm.config import ModelConfig
     from dllm.errors import RequestError
@@ -157,6 +167,8 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
                                    peers=peers.split(",") if peers else None, local_stages=local_stages,
                                    emulate_rtt=emulate_rtt, identity_path=identity_path, deadline=deadline,
                                    draft=draft, tree=tree, threads=threads,
+                                   drafters=drafters.split(",") if drafters else None,
+                                   draft_deadline=draft_deadline / 1000.0,
                                    eos_ids=sorted(tok.eos_token_ids | set(cfg.eos_token_ids)))
     try:
         if raw:
@@ -247,6 +259,59 @@ def stage(model, layers, listen, identity_path, allow, dtype, kv_tokens, emulate
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
+
+    try:
+        asyncio.run(main_())
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--role", type=click.Choice(["auto", "drafter", "stage"]), default="auto", show_default=True,
+              help="auto: stage on a CUDA machine, drafter on a CPU-only one.")
+@click.option("--model", required=True, help="Model directory or known name (the drafter's model, or the stage's).")
+@click.option("--layers", default=None, help="Layer range A:B (stage role).")
+@click.option("--listen", default="127.0.0.1:7100", show_default=True)
+@click.option("--identity", "identity_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--allow", default=None, help="Comma-separated public keys allowed to connect.")
+@click.option("--draft", "draft_kind", default="model", type=click.Choice(["model", "ngram"]), show_default=True,
+              help="Drafter role: draft with the model, or by prompt lookup.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--emulate-rtt", default=0.0, show_default=True, type=float)
+@click.option("--threads", default=None, type=int)
+@click.pass_context
+def node(ctx, role, model, layers, listen, identity_path, allow, draft_kind, dtype, emulate_rtt, threads):
+    """Run a network node; its role follows its hardware unless --role says otherwise."""
+    import asyncio
+
+    import torch
+    from aiohttp import web
+
+    if role == "auto":
+        role = "stage" if torch.cuda.is_available() else "drafter"
+    if role == "stage":
+        if not layers:
+            raise click.UsageError("the stage role needs --layers A:B")
+        return ctx.invoke(stage, model=model, layers=layers, listen=listen, identity_path=identity_path, allow=allow,
+                          dtype=dtype, kv_tokens=8192, emulate_rtt=emulate_rtt, session_ttl=600.0, threads=threads)
+    from dllm.fetch import model_path
+    from dllm.net.crypto import Identity
+    from dllm.net.drafter_server import DrafterServer
+    from dllm.spec.drafters import ModelDrafter, NgramDrafter
+
+    _threads(threads)
+    ident = Identity.load(identity_path)
+    drafter = NgramDrafter() if draft_kind == "ngram" else ModelDrafter.from_pretrained(model_path(model), dtype=dtype)
+    server = DrafterServer(drafter, ident, allowed=allow.split(",") if allow else None, emulate_rtt_ms=emulate_rtt)
+    host, _, port = listen.rpartition(":")
+
+    async def main_():
+        runner = web.AppRunner(server.app(), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, host, int(port)).start()
+        click.echo(f"ready {ident.public_key}@{host}:{port}")
+        sys.stdout.flush()
+        await asyncio.Event().wait()
 
     try:
         asyncio.run(main_())

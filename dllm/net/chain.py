@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import threading
 import time
 
 import torch
@@ -26,6 +25,7 @@ from dllm.errors import ChainError, DllmError, StageBusy, StageFailure
 from dllm.net import wire
 from dllm.net.crypto import Identity, PeerAddress
 from dllm.net.link import Link, LinkClosed
+from dllm.net.loop import BackgroundLoop
 from dllm.net.wire import Frame, FrameKind
 
 log = logging.getLogger("dllm.chain")
@@ -52,9 +52,8 @@ class RemoteChain:
         self.chain: list[_Peer] = []
         self._steps = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="dllm-chain", daemon=True)
-        self._thread.start()
+        self._bg = BackgroundLoop("dllm-chain")
+        self._loop = self._bg.loop
         self.last_pass_s = 0.0
         self.passes = 0
         self._call(self._connect_all(), self.connect_timeout_s + 5)
@@ -62,12 +61,7 @@ class RemoteChain:
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _call(self, coro, timeout: float):
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return fut.result(timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise
+        return self._bg.call(coro, timeout)
 
     async def _connect(self, p: _Peer) -> bool:
         if p.link is not None and p.link.is_open:
@@ -225,5 +219,4 @@ class RemoteChain:
             self._call(shut(), 5)
         except Exception:
             pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
+        self._bg.stop()

@@ -17,6 +17,19 @@ from dllm.errors import DllmError
 from dllm.net.crypto import Identity, PeerAddress
 
 
+def wait_ready(proc: subprocess.Popen, timeout: float, log_path: Path | None = None) -> PeerAddress:
+    """Read a node's stdout until it prints ``ready KEY@host:port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith("ready "):
+            return PeerAddress.parse(line.split()[1])
+        if not line and proc.poll() is not None:
+            err = log_path.read_text()[-2000:] if log_path and log_path.exists() else ""
+            raise DllmError(f"node exited with {proc.returncode} before it was ready:\n{err}")
+    raise DllmError(f"node not ready after {timeout:.0f} s")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,21 +60,10 @@ class LocalCluster:
                 self.procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
                                                    env={**os.environ, "PYTHONUNBUFFERED": "1"}))
             for i, p in enumerate(self.procs):
-                self.addresses.append(self._wait_ready(i, p, ready_timeout_s))
+                self.addresses.append(wait_ready(p, ready_timeout_s, Path(self.tmp.name) / f"stage{i}.log"))
         except BaseException:
             self.stop()
             raise
-
-    def _wait_ready(self, i: int, p: subprocess.Popen, timeout: float) -> PeerAddress:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = p.stdout.readline()
-            if line.startswith("ready "):
-                return PeerAddress.parse(line.split()[1])
-            if not line and p.poll() is not None:
-                err = (Path(self.tmp.name) / f"stage{i}.log").read_text()[-2000:]
-                raise DllmError(f"stage {i} exited with {p.returncode} before it was ready:\n{err}")
-        raise DllmError(f"stage {i} not ready after {timeout:.0f} s")
 
     def kill(self, i: int) -> None:
         self.procs[i].kill()

@@ -25,6 +25,10 @@ class RpcError(DllmError):
         self.method, self.code, self.data = method, code, data
 
 
+class RpcTimeout(RpcError):
+    """A transaction did not reach the wanted commitment in time; it may still land later."""
+
+
 @dataclass(frozen=True)
 class AccountInfo:
     owner: str
@@ -111,8 +115,8 @@ class SolanaRpc:
                 if COMMITMENT_RANK.get(level, 0) >= COMMITMENT_RANK[commitment]:
                     return status
             if loop.time() + delay > deadline:
-                raise RpcError("getSignatureStatuses", f"transaction {signature} not {commitment} within {timeout_s}s"
-                               f" (last status: {status and status.get('confirmationStatus')})", code=-1)
+                raise RpcTimeout("getSignatureStatuses", f"transaction {signature} not {commitment} within "
+                                 f"{timeout_s}s (last status: {status and status.get('confirmationStatus')})")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
 

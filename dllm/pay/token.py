@@ -1,14 +1,17 @@
-"""Token-2022 on the wire: program ids, the few instructions a payment uses, mint parsing, transfer-fee math.
+"""Solana primitives for payments: program ids, keypair files, the few instructions a payment uses, mint parsing, transfer-fee math.
 
 Byte layouts follow spl-token-2022 (program/src/instruction.rs, extension/*). Everything here is pure:
 no RPC, no I/O, so verify.py and the client share one encoding and tests can check it alone.
 """
 from __future__ import annotations
 
+import json
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 from solders.instruction import AccountMeta, Instruction
+from solders.keypair import Keypair
 from solders.pubkey import Pubkey
 from solders.token.associated import get_associated_token_address
 
@@ -39,6 +42,14 @@ EXT_NAMES = {1: "TransferFeeConfig", 3: "MintCloseAuthority", 4: "ConfidentialTr
              12: "PermanentDelegate", 14: "TransferHook", 16: "ConfidentialTransferFeeConfig",
              18: "MetadataPointer", 19: "TokenMetadata", 20: "GroupPointer", 21: "TokenGroup",
              22: "GroupMemberPointer", 23: "TokenGroupMember"}
+
+
+def load_keypair(path: str | Path) -> Keypair:
+    """A Solana CLI keypair file: a JSON array of 64 bytes. ValueError names the file on any failure."""
+    try:
+        return Keypair.from_bytes(bytes(json.loads(Path(path).expanduser().read_text())))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"keypair {path}: {e}") from None
 
 
 def ata(owner: Pubkey, mint: Pubkey, program: Pubkey = TOKEN_2022) -> Pubkey:
