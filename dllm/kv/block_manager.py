@@ -12,6 +12,7 @@ separate rollback message.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 from dllm.errors import KVBudgetExceeded
@@ -29,9 +30,11 @@ class BlockManager:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        # Pop from the end of a descending list: a fresh sequence gets ascending, usually
-        # contiguous blocks, which lets the CPU attention path read K/V as a view.
-        self._free = list(range(num_blocks - 1, -1, -1))
+        # A min-heap: a new block is always the lowest free one, so a sequence that grows while
+        # nothing else allocates gets ascending, contiguous blocks even after earlier sequences
+        # freed theirs in any order — and the CPU attention path then reads K/V as a view
+        # instead of gathering it (a gather cost ~70 µs per layer per step on SmolLM2).
+        self._free = list(range(num_blocks))
         self._ref = [0] * num_blocks
         self.seqs: dict[int, SeqBlocks] = {}
 
@@ -67,14 +70,14 @@ class BlockManager:
 
     # ---- mutations -----------------------------------------------------------------------
     def _alloc(self) -> int:
-        b = self._free.pop()
+        b = heapq.heappop(self._free)
         self._ref[b] = 1
         return b
 
     def _release(self, b: int) -> None:
         self._ref[b] -= 1
         if self._ref[b] == 0:
-            self._free.append(b)
+            heapq.heappush(self._free, b)
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Cut a sequence back to ``length`` tokens, releasing blocks past it (rollback)."""

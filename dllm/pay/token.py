@@ -89,14 +89,18 @@ class MintInfo:
         return max((f.fee(amount) for f in self.fees), default=0)
 
     def gross_for_net(self, net: int) -> int:
-        """Smallest transfer amount whose amount - fee still reaches ``net``."""
-        gross = net
-        for _ in range(64):  # converges in 2-3 steps; bounded in case the fee eats every unit
-            short = net - (gross - self.max_fee(gross))
-            if short <= 0:
-                return gross
-            gross += short
-        raise ValueError(f"transfer fee {self.fees} leaves less than {net} for any amount")
+        """Smallest transfer amount whose amount - fee still reaches ``net``.
+
+        amount - fee(amount) never decreases as amount grows (the fee rises by at most 1 per unit, or is capped),
+        and amount = net + maximum_fee always suffices, so a binary search over [net, net + max] is exact."""
+        lo, hi = net, net + max((f.maximum_fee for f in self.fees), default=0)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if mid - self.max_fee(mid) >= net:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def refusal(self) -> str | None:
         """Why payments in this mint cannot be accepted, or None."""
