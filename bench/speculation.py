@@ -1,0 +1,141 @@
+"""Speculative decoding benchmark: Qwen2.5-Coder-0.5B drafting for Qwen2.5-Coder-1.5B over 2 stages.
+
+Per emulated RTT (0, 20, 50 ms): plain greedy through the chain (baseline), speculation with a
+draft chain (fixed depth), and with planner-chosen trees; all three must produce the same
+tokens (checked). HF transformers assisted generation at RTT 0 is the outside baseline (its
+speed-up over HF greedy, same prompts). Then projects the product's regime (2 × L4, 40 ms RTT)
+from the acceptance measured here and GPU step/verify times from bench/results/gpu-*.json.
+
+    python -m bench.speculation [--new-tokens 48] [--rtts 0,20,50]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import RESULTS, write_result
+from dllm.config import ModelConfig
+from dllm.fetch import model_path
+from dllm.launch import chain_engine
+from dllm.net.local_cluster import LocalCluster
+from dllm.sampling import SamplingParams
+from dllm.spec.drafters import ModelDrafter, check_draft_compatible
+from dllm.spec.planner import TreePlanner
+from dllm.tokenizer import Tokenizer
+
+PROMPTS = Path(__file__).parent / "data" / "spec_prompts.json"
+
+
+def run_all(engine, prompts, new_tokens):
+    """(outputs, decode tok/s over all prompts, mean tokens per verify pass)."""
+    outs, tokens, seconds = [], 0, 0.0
+    for ids in prompts:
+        t0 = time.perf_counter()
+        out = engine.generate_all(ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+        seconds += time.perf_counter() - t0
+        tokens += len(out)
+        outs.append(out)
+    return outs, tokens / seconds
+
+
+def hf_assisted(target_dir, draft_dir, prompts, new_tokens):
+    import transformers
+
+    tgt = transformers.AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    drf = transformers.AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+    rates = {}
+    for name, kw in [("greedy", {}), ("assisted", {"assistant_model": drf})]:
+        tokens, seconds = 0, 0.0
+        for ids in prompts:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                out = tgt.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, pad_token_id=0, **kw)
+            seconds += time.perf_counter() - t0
+            tokens += out.shape[1] - len(ids)
+        rates[name] = tokens / seconds
+    del tgt, drf
+    gc.collect()
+    return rates
+
+
+def project_2xl4(mean_accepted_tree, nodes, rtt_s=0.040):
+    """Tokens/s on 2 × L4 stages from GPU step/verify measurements scaled to 300 GB/s."""
+    gpu = sorted(RESULTS.glob("gpu-*.json"))
+    if not gpu:
+        return None
+    g = json.loads(gpu[0].read_text())
+    roof = g.get("int4_roofline_tok_s_at_300gbs") or g.get("projected_2xL4_int4_tok_s")
+    if not roof:
+        return None
+    step_s = 1.0 / roof                       # both stages' compute for one token at L4 bandwidth
+    verify_s = step_s * g.get("verify16_over_step_int4", 1.3)
+    greedy = 1.0 / (step_s + rtt_s)
+    spec = mean_accepted_tree / (verify_s + rtt_s)
+    return {"projected_2xL4_greedy_tok_s": round(greedy, 2), "projected_2xL4_spec_tok_s": round(spec, 2),
+            "projected_2xL4_speedup": round(spec / greedy, 2), "assumed_rtt_ms": rtt_s * 1000, "source": gpu[0].name}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", default="qwen-coder-1.5b")
+    ap.add_argument("--draft", default="qwen-coder-0.5b")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--rtts", default="0,20,50")
+    ap.add_argument("--chain-depth", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-hf", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    target, draft = model_path(args.target), model_path(args.draft)
+    check_draft_compatible(target, draft)
+    tok = Tokenizer.from_dir(target)
+    prompts = [tok.encode_chat(p["messages"]) for p in json.loads(PROMPTS.read_text())]
+    n = ModelConfig.from_dir(target).num_layers
+    cut = n // 2
+    drafter = ModelDrafter.from_pretrained(draft)
+    rows = {}
+    for rtt in [float(r) for r in args.rtts.split(",")]:
+        with LocalCluster(target, [(cut, n)], emulate_rtt_ms=rtt, threads=args.threads, kv_tokens=2048) as c:
+            peers = [str(a) for a in c.addresses]
+            results = {}
+            for mode, kw in [("greedy", {}), ("chain", {"drafter": drafter, "spec_depth": args.chain_depth}),
+                             ("tree", {"drafter": drafter, "planner": TreePlanner(max_depth=8, max_width=3)})]:
+                eng = chain_engine(target, peers, (0, cut), emulate_rtt_ms=rtt, kv_tokens=2048, **kw)
+                try:
+                    outs, rate = run_all(eng, prompts, args.new_tokens)
+                    results[mode] = (outs, rate, eng.stats.mean_accepted, eng.stats.passes)
+                finally:
+                    eng.pipeline.close()
+                print(f"rtt {rtt:>3.0f} ms {mode:>6}: {rate:6.2f} tok/s  mean accepted {eng.stats.mean_accepted:.2f}")
+            assert results["chain"][0] == results["greedy"][0] == results["tree"][0], "speculation changed the output"
+            g = results["greedy"][1]
+            rows[f"rtt_{int(rtt)}ms"] = {
+                "rtt_ms": rtt, "greedy_tok_s": round(g, 2), "chain_tok_s": round(results["chain"][1], 2),
+                "tree_tok_s": round(results["tree"][1], 2), "chain_speedup": round(results["chain"][1] / g, 2),
+                "tree_speedup": round(results["tree"][1] / g, 2),
+                "tree_over_chain": round(results["tree"][1] / results["chain"][1], 2),
+                "mean_accepted_chain": round(results["chain"][2], 2), "mean_accepted": round(results["tree"][2], 2),
+                "outputs_identical": True}
+    payload = {"benchmark": "speculation-cpu", "target": args.target, "draft": args.draft, "stages": 2,
+               "split": [[0, cut], [cut, n]], "new_tokens": args.new_tokens, "prompts": len(prompts),
+               "threads_per_process": args.threads, "per_rtt": rows}
+    if not args.no_hf:
+        hf = hf_assisted(target, draft, prompts, args.new_tokens)
+        payload["hf_rtt0"] = {"greedy_tok_s": round(hf["greedy"], 2), "assisted_tok_s": round(hf["assisted"], 2),
+                              "assisted_speedup": round(hf["assisted"] / hf["greedy"], 2)}
+    proj = project_2xl4(max(r["mean_accepted"] for r in rows.values()), 16)
+    if proj:
+        payload.update(proj)
+    path = write_result(RESULTS / "speculation-cpu.json", payload)
+    print(json.dumps(payload["per_rtt"], indent=1))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
