@@ -320,6 +320,37 @@ def node(ctx, role, model, layers, listen, identity_path, allow, draft_kind, dty
 
 
 @main.command()
+@click.option("--model", default=None, help="Model directory or known name (its config.json gives the shape).")
+@click.option("--shape", default=None, help="A named reference shape instead (qwen2.5-32b, qwen2.5-7b, llama-3-70b).")
+@click.option("--gpus", required=True, help="GPU memory sizes in GiB, in chain order, e.g. 24,24.")
+@click.option("--quant", default="bfloat16", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16", "int8", "int4"]))
+@click.option("--context", default=8192, show_default=True, type=int, help="KV tokens each stage must hold.")
+@click.option("--reserve", default=1.5, show_default=True, type=float, help="GiB per GPU for CUDA context and activations.")
+@click.option("--draft-gib", default=0.0, show_default=True, type=float, help="Extra GiB on stage 0 for a draft model.")
+def plan(model, shape, gpus, quant, context, reserve, draft_gib):
+    """Plan the layer split over GPUs; refuse a plan that does not fit."""
+    from dllm import plan as planner
+    from dllm.config import ModelConfig
+
+    if bool(model) == bool(shape):
+        raise click.UsageError("give exactly one of --model or --shape")
+    if shape:
+        cfg = planner.shape_config(shape)
+    else:
+        from dllm.fetch import model_path
+
+        cfg = ModelConfig.from_dir(model_path(model))
+    try:
+        sizes = [float(g) for g in gpus.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"--gpus {gpus!r}: expected comma-separated GiB values") from None
+    stages = planner.plan(cfg, sizes, quant, context, reserve, draft_gib)
+    click.echo(planner.format_plan(cfg, stages, quant, context))
+    click.echo("split: " + ",".join(f"{s.layers[0]}:{s.layers[1]}" for s in stages))
+
+
+@main.command()
 @click.argument("src")
 @click.argument("out")
 @click.option("--stages", default=1, show_default=True, type=int, help="Even split into N per-stage shards.")
