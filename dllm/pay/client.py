@@ -43,10 +43,12 @@ class Payer:
     """Pays x402 quotes from one keypair. Create and use inside one event loop (it holds an RPC session)."""
 
     def __init__(self, keypair: Keypair, rpc_url: str, prefer: str = SCHEME_EXACT, confirm_timeout_s: float = 60.0,
-                 compute_units: int = 20_000, micro_lamports: int = 1):
-        self.keypair, self.prefer = keypair, prefer
+                 compute_units: int = 20_000, micro_lamports: int = 1, max_amount: int | None = None):
+        """``max_amount``: refuse quotes above this many atomic units (an agent paying on its own needs a cap)."""
+        self.keypair, self.prefer, self.max_amount = keypair, prefer, max_amount
         self.rpc = SolanaRpc(rpc_url)
-        self.confirm_timeout_s, self.compute_units, self.micro_lamports = confirm_timeout_s, compute_units, micro_lamports
+        self.confirm_timeout_s = confirm_timeout_s
+        self.compute_units, self.micro_lamports = compute_units, micro_lamports
         self._mints: dict[str, tk.MintInfo] = {}
 
     @property
@@ -61,7 +63,11 @@ class Payer:
         offered = {r.scheme: r for r in required.accepts if r.network.startswith("solana:")}
         for scheme in (self.prefer, SCHEME_EXACT, SCHEME_TXSIG):
             if scheme in offered:
-                return offered[scheme]
+                req = offered[scheme]
+                if self.max_amount is not None and int(req.amount) > self.max_amount:
+                    raise PaymentError(f"quote asks {req.amount} atomic units of {req.asset}, over the cap "
+                                       f"{self.max_amount}")
+                return req
         raise PaymentError(f"no payable scheme in {sorted(offered) or 'an empty accepts list'}"
                            + (f"; server says: {required.error}" if required.error else ""))
 
@@ -216,9 +222,13 @@ class X402Transport(httpx.BaseTransport):
         return paid
 
     def close(self) -> None:
+        """Idempotent: httpx.Client.close() calls it, and so may the owner."""
+        if self._loop is None:
+            return
         self.inner.close()
         self._loop.run(self.payer.close())
         self._loop.loop.call_soon_threadsafe(self._loop.loop.stop)
+        self._loop = None
 
 
 async def _call(fn):
@@ -249,11 +259,12 @@ async def create_treasury_ata(rpc_url: str, funder: Keypair, treasury: Pubkey, m
 @click.option("--rpc", "rpc_url", required=True, help="Solana JSON-RPC URL")
 @click.option("--scheme", type=click.Choice([SCHEME_EXACT, SCHEME_TXSIG]), default=SCHEME_EXACT)
 @click.option("--data", default=None, help="JSON body: POST it (else GET)")
+@click.option("--max-amount", type=int, default=None, help="refuse quotes above this many atomic units")
 @click.argument("url")
-def pay_command(keypair, rpc_url, scheme, data, url):
+def pay_command(keypair, rpc_url, scheme, data, max_amount, url):
     """Request URL; if it answers 402, pay in CIRC and retry. Prints the body, the settlement to stderr."""
     kp = tk.load_keypair(keypair)
-    transport = X402Transport(lambda: Payer(kp, rpc_url, prefer=scheme))
+    transport = X402Transport(lambda: Payer(kp, rpc_url, prefer=scheme, max_amount=max_amount))
     with httpx.Client(transport=transport, timeout=300) as c:
         r = c.post(url, content=data, headers={"content-type": "application/json"}) if data else c.get(url)
     click.echo(r.text)

@@ -157,7 +157,7 @@ class X402Gate:
             refusal = (f"treasury token account {treasury_ata} does not exist; create it at set-up "
                        "(dllm.pay.client.create_treasury_ata)")
         terms = Terms(network=self.config.network, mint=self.mint, mint_info=info, treasury=self.treasury,
-                      treasury_ata=treasury_ata, fee_payer=self.fee_payer or Keypair(),
+                      treasury_ata=treasury_ata, fee_payer=self.fee_payer,
                       max_compute_units=self.config.max_compute_units,
                       max_priority_lamports=self.config.max_priority_lamports)
         return _Loaded(terms, refusal)
@@ -218,8 +218,9 @@ class X402Gate:
         nonce, expires = self.nonces.issue(self._quote_fields(resource, str(gross), str(min_net)))
         common = {"decimals": info.decimals, "tokenProgram": str(info.program), "minNetAmount": str(min_net),
                   "expiresAt": expires, "treasuryTokenAccount": str(loaded.terms.treasury_ata)}
-        extra = {SCHEME_EXACT: {"feePayer": str(loaded.terms.fee_payer.pubkey()), "memo": nonce},
-                 SCHEME_TXSIG: {"nonce": nonce}}
+        extra = {SCHEME_TXSIG: {"nonce": nonce}}
+        if self.fee_payer:
+            extra[SCHEME_EXACT] = {"feePayer": str(self.fee_payer.pubkey()), "memo": nonce}
         return [PaymentRequirements(scheme=s, network=self.config.network, asset=str(self.mint), amount=str(gross),
                                     pay_to=str(self.treasury), max_timeout_seconds=int(self.config.nonce_ttl_s),
                                     extra={**common, **extra[s]}) for s in self.schemes]
@@ -255,36 +256,28 @@ class X402Gate:
         nonce = a.extra.get("memo" if a.scheme == SCHEME_EXACT else "nonce")
         min_net = str(a.extra.get("minNetAmount", ""))
         self.nonces.check(nonce, self._quote_fields(resource, a.amount, min_net))
-        if why := self.ledger.used(nonce=nonce):
-            raise PaymentRejected(why, "nonce_reused")
         return Quote(nonce=nonce, amount=int(a.amount), min_net=int(min_net), resource=resource)
 
-    def _claimed_signature(self, p: PaymentPayload, terms: Terms) -> str | None:
-        """The transaction signature this payload pays with, if it can be known without the chain."""
-        if p.accepted.scheme == SCHEME_TXSIG:
-            sig = p.payload.get("signature")
-            return sig if isinstance(sig, str) else None
-        if p.accepted.scheme == SCHEME_EXACT and self.fee_payer:
-            try:
-                return str(cosign(decode_tx(p.payload.get("transaction")), terms.fee_payer).signatures[0])
-            except (PaymentRejected, ValueError):
-                return None
-        return None
+    def _unused(self, signature: str, nonce: str) -> None:
+        """Early refusal of a replay (the same header again) or of a second payment on one quote. Only a fast
+        answer: the ledger's UNIQUE constraints in accept() are what make both single-use."""
+        if why := self.ledger.used(signature=signature):
+            raise PaymentRejected(why, "signature_reused")
+        if why := self.ledger.used(nonce=nonce):
+            raise PaymentRejected(why, "nonce_reused")
 
     async def _settle_exact(self, p: PaymentPayload, terms: Terms, quote: Quote) -> Settled:
         tx = decode_tx(p.payload.get("transaction"))
         payer, net = check_exact(tx, terms, quote)
-        signed = cosign(tx, terms.fee_payer)
+        signed = cosign(tx, terms.fee_payer)  # only a checked message ever gets the fee payer's signature
         sig = str(signed.signatures[0])
-        if why := self.ledger.used(signature=sig):
-            raise PaymentRejected(why, "signature_reused")
+        self._unused(sig, quote.nonce)
         await submit_exact(signed, self.rpc, self.config.confirm_timeout_s)
         return Settled(sig, payer, net)
 
     async def _settle_txsig(self, p: PaymentPayload, terms: Terms, quote: Quote, resource: str) -> Settled:
         sig, payer = check_payer_signature(p.payload, resource, p.accepted.wire())
-        if why := self.ledger.used(signature=sig):
-            raise PaymentRejected(why, "signature_reused")
+        self._unused(sig, quote.nonce)
         result = await fetch_landed(sig, self.rpc, self.config.lookup_attempts, self.config.lookup_delay_s)
         return Settled(sig, payer, check_landed(result, sig, payer, terms, quote))
 
@@ -296,8 +289,6 @@ class X402Gate:
             return None
         payload = decode_header(header, PaymentPayload)
         terms = await self._terms()
-        if (sig := self._claimed_signature(payload, terms)) and (why := self.ledger.used(signature=sig)):
-            raise PaymentRejected(why, "signature_reused")  # a replayed header: say so before anything else
         quote = self._check_accepted(payload, resource)
         if quote.nonce in self._inflight:
             raise PaymentRejected("a payment for this quote is already being settled", "payment_in_flight")

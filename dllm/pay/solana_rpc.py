@@ -44,17 +44,20 @@ class SolanaRpc:
         self.url, self.retries = url, retries
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count(1)
 
     async def close(self) -> None:
-        if self._session is not None:
+        if self._session is not None and self._loop is asyncio.get_running_loop():
             await self._session.close()
-            self._session = None
+        self._session = None
 
     async def call(self, method: str, params: list, idempotent: bool = True):
         """The `result` of one call; RpcError on an error object or after the retries run out."""
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            # a session belongs to the loop that made it; a caller on a new loop gets a new one
+            self._session, self._loop = aiohttp.ClientSession(timeout=self._timeout), loop
         body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
         attempts = self.retries if idempotent else 1
         for attempt in range(attempts):

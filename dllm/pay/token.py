@@ -1,7 +1,8 @@
-"""Solana primitives for payments: program ids, keypair files, the few instructions a payment uses, mint parsing, transfer-fee math.
+"""Solana primitives for payments: program ids, keypair files, the few instructions a payment uses,
+mint parsing, transfer-fee math.
 
-Byte layouts follow spl-token-2022 (program/src/instruction.rs, extension/*). Everything here is pure:
-no RPC, no I/O, so verify.py and the client share one encoding and tests can check it alone.
+Byte layouts follow spl-token-2022 (program/src/instruction.rs, extension/*). No RPC here (only
+load_keypair reads a file), so verify.py and the client share one encoding and tests can check it alone.
 """
 from __future__ import annotations
 

@@ -18,10 +18,10 @@ import struct
 from dataclasses import dataclass
 
 from solders.keypair import Keypair
-from solders.message import MessageV0, to_bytes_versioned
+from solders.message import Message, MessageV0, to_bytes_versioned
 from solders.pubkey import Pubkey
 from solders.signature import Signature
-from solders.transaction import VersionedTransaction
+from solders.transaction import SanitizeError, VersionedTransaction
 
 from dllm.pay import token as tk
 from dllm.pay.solana_rpc import RpcError, RpcTimeout, SolanaRpc
@@ -36,7 +36,7 @@ class Terms:
     mint_info: tk.MintInfo
     treasury: Pubkey
     treasury_ata: Pubkey
-    fee_payer: Keypair
+    fee_payer: Keypair | None  # None: the exact scheme is not offered
     max_compute_units: int = 200_000
     max_priority_lamports: int = 5_000
 
@@ -77,14 +77,20 @@ def decode_tx(b64: object) -> VersionedTransaction:
     if not isinstance(b64, str) or not b64:
         raise _reject("exact payload needs `transaction` (base64)", "invalid_exact_svm_payload")
     try:
-        return VersionedTransaction.from_bytes(base64.b64decode(b64, validate=True))
-    except (binascii.Error, ValueError) as e:
+        tx = VersionedTransaction.from_bytes(base64.b64decode(b64, validate=True))
+        tx.sanitize()  # account indexes in range, header consistent: later lookups cannot go out of bounds
+    except (binascii.Error, ValueError, SanitizeError) as e:
         raise _reject(f"transaction could not be decoded: {e}", "invalid_exact_svm_payload_transaction") from None
+    if not isinstance(tx.message, (Message, MessageV0)):
+        raise _reject("only legacy and v0 transactions are accepted", "invalid_exact_svm_payload_transaction")
+    return tx
 
 
 def _check_fee_payer_slot(tx: VersionedTransaction, terms: Terms) -> list:
     """The fee payer is account 0 and appears in no instruction; no lookup tables hide accounts. Returns keys."""
     msg = tx.message
+    if terms.fee_payer is None:
+        raise _reject("this server has no fee payer; the exact scheme is not offered", "unsupported_scheme")
     if isinstance(msg, MessageV0) and msg.address_table_lookups:
         raise _reject("address lookup tables are not accepted in an exact payment", "invalid_exact_svm_payload")
     keys = list(msg.account_keys)

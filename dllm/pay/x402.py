@@ -42,7 +42,7 @@ class PaymentRejected(DllmError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
 
     def wire(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True)
