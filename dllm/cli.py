@@ -122,7 +122,7 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, dr
 
 
 @main.command()
-@click.option("--prompt", help="Generate an answer to this user message and exit.")
+@click.option("--prompt", help="Answer this user message and exit (without it: serve the API and chat page).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Model directory, .gguf file or known name.")
 @click.option("--system", default=None, help="System message for the chat template.")
 @click.option("--raw", is_flag=True, help="Send the prompt as-is, without the chat template.")
@@ -135,42 +135,76 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, dr
 @click.option("--stages", default=1, show_default=True, type=int, help="Run the layers as N in-process stages.")
 @click.option("--split", default=None, help="Layer ranges, e.g. 0:12,12:24 (default: manifest's or even).")
 @click.option("--peers", default=None, help="Comma-separated KEY@host:port stage servers (spares welcome).")
-@click.option("--local-stages", default=0, type=int, help="Start N-1 stage processes on 127.0.0.1 and chain them.")
+@click.option("--local-stages", default=None, type=int,
+              help="Start N-1 stage processes on 127.0.0.1 and chain them (default: 2 when serving, 0 with --prompt).")
 @click.option("--identity", "identity_path", default=None, type=click.Path(dir_okay=False),
               help="Coordinator identity (default: a fresh one).")
 @click.option("--emulate-rtt", default=0.0, show_default=True, type=float, help="Delay each hop by RTT/2 ms.")
 @click.option("--deadline", default=30.0, show_default=True, type=float, help="Seconds before a stalled pass fails over.")
-@click.option("--draft", default="none", show_default=True, help="Draft model (dir or name), 'ngram' or 'none'.")
+@click.option("--draft", default=None,
+              help="Draft model (dir or name), 'ngram' or 'none' (default: ngram when serving, none with --prompt).")
 @click.option("--tree", default="auto", show_default=True, help="Draft tree: auto, chain or WxD.")
 @click.option("--drafters", default=None, help="Comma-separated KEY@host:port remote drafter nodes.")
 @click.option("--draft-deadline", default=50.0, show_default=True, type=float,
               help="Milliseconds to wait for remote drafts before verifying without them.")
+@click.option("--serve", "serve_addr", default="127.0.0.1:8000", show_default=True, help="HOST:PORT for the API and page.")
+@click.option("--rate", default=30.0, show_default=True, type=float, help="Free requests per minute per client IP (0: no limit).")
+@click.option("--burst", default=10, show_default=True, type=int, help="Free requests allowed at once per client IP.")
+@click.option("--kv-tokens", default=8192, show_default=True, type=int, help="KV cache capacity per stage, in tokens.")
+@click.option("--x402", "x402_on", is_flag=True, help="Open the paid door (x402 payments in CIRC).")
+@click.option("--x402-config", default=None, type=click.Path(dir_okay=False), help="TOML/JSON file with the x402 settings.")
+@click.option("--mint", default=None, help="CIRC mint address (Token-2022).")
+@click.option("--treasury", default=None, help="Treasury wallet address.")
+@click.option("--price-usd", default=0.002, show_default=True, type=float)
+@click.option("--circ-usd", default=None, type=float, help="USD per CIRC.")
+@click.option("--rpc", default=None, help="Solana JSON-RPC URL.")
+@click.option("--network", default=None, help="CAIP-2 network id, e.g. solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp.")
+@click.option("--fee-payer-keypair", default=None, type=click.Path(dir_okay=False),
+              help="Keypair that co-signs stock x402 'exact' payments (without it only pay-then-attach is offered).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: torch's).")
 def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed, dtype, stages, split, peers,
-        local_stages, identity_path, emulate_rtt, deadline, draft, tree, drafters, draft_deadline, threads):
-    """Run the model: answer --prompt, streaming to stdout, tokens/s to stderr."""
+        local_stages, identity_path, emulate_rtt, deadline, draft, tree, drafters, draft_deadline, serve_addr, rate,
+        burst, kv_tokens, x402_on, x402_config, mint, treasury, price_usd, circ_usd, rpc, network, fee_payer_keypair,
+        threads):
+    """Run the model. With --prompt: answer and exit. Without: serve the OpenAI API and the chat page.
+
+    With no arguments at all: SmolLM2, two local stages over the encrypted link, n-gram drafting,
+    the API and the page on http://127.0.0.1:8000/.
+    """
     from dllm.config import ModelConfig
     from dllm.errors import RequestError
     from dllm.fetch import model_path as resolve_model
     from dllm.sampling import SamplingParams
-    from dllm.tokenizer import StreamDecoder, Tokenizer
+    from dllm.tokenizer import Tokenizer
 
     _threads(threads)
-    if prompt is None:
-        raise click.UsageError("--prompt is required (serving without --prompt comes with the API)")
-    if not prompt.strip():
+    serving = prompt is None
+    if local_stages is None:
+        local_stages = 2 if serving and not peers and stages == 1 else 0
+    if draft is None:
+        draft = "ngram" if serving else "none"
+    if not serving and not prompt.strip():
         raise RequestError("empty prompt: give --prompt some text")
-    model_dir = resolve_model(model)
+    gate = _payment_gate(x402_on, x402_config, mint, treasury, price_usd, circ_usd, rpc, network, fee_payer_keypair)
+    model_dir = resolve_model(model, dtype)
     tok = Tokenizer.from_dir(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     engine, cleanup = build_engine(model_dir, stages=stages, split=split, dtype=dtype,
                                    peers=peers.split(",") if peers else None, local_stages=local_stages,
                                    emulate_rtt=emulate_rtt, identity_path=identity_path, deadline=deadline,
-                                   draft=draft, tree=tree, threads=threads,
+                                   draft=draft, tree=tree, threads=threads, kv_tokens=kv_tokens,
                                    drafters=drafters.split(",") if drafters else None,
                                    draft_deadline=draft_deadline / 1000.0,
                                    eos_ids=sorted(tok.eos_token_ids | set(cfg.eos_token_ids)))
     try:
+        if serving:
+            from dllm.api.server import run_server
+
+            host, _, port = serve_addr.rpartition(":")
+            run_server(str(model_dir), host or "127.0.0.1", int(port), engine=engine,
+                       model_name=model if not model.startswith(("/", ".")) else None, rate_per_minute=rate,
+                       burst=burst, payment_gate=gate, announce=lambda m: click.echo(m, err=True))
+            return
         if raw:
             ids = tok.encode(prompt)
         else:
@@ -180,6 +214,27 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
         _stream_answer(engine, tok, ids, params)
     finally:
         cleanup()
+
+
+def _payment_gate(on, config_path, mint, treasury, price_usd, circ_usd, rpc, network, fee_payer):
+    """X402Gate from --x402-config and/or the flags (flags win), or None when the paid door is off."""
+    if not (on or config_path):
+        return None
+    from dllm.pay.gate import X402Config, X402Gate, load_config
+
+    base = load_config(config_path) if config_path else None
+    fields = {k: v for k, v in dict(mint=mint, treasury=treasury, circ_usd=circ_usd, rpc_url=rpc, network=network,
+                                     fee_payer_keypair_path=fee_payer).items() if v is not None}
+    if base is not None:
+        from dataclasses import replace
+
+        cfg = replace(base, **fields, **({"price_usd": price_usd} if price_usd != 0.002 else {}))
+    else:
+        missing = [f for f in ("mint", "treasury", "circ_usd", "rpc_url", "network") if f not in fields]
+        if missing:
+            raise click.UsageError("--x402 needs " + ", ".join("--" + m.replace("_url", "").replace("_", "-") for m in missing))
+        cfg = X402Config(price_usd=price_usd, **fields)
+    return X402Gate(cfg)
 
 
 def _stream_answer(engine, tok, ids, params) -> None:
@@ -389,6 +444,17 @@ def bench(models, prompt_tokens, new_tokens, dtype, threads, no_hf, out):
     run_bench(list(models), prompt_tokens=prompt_tokens, new_tokens=new_tokens, dtype=dtype,
               threads=threads, hf=not no_hf, out=out)
 
+
+def _add_pay_command() -> None:
+    """`dllm pay`: the x402 client (pay a 402 and retry); its dependencies are optional."""
+    try:
+        from dllm.pay.client import pay_command
+    except ImportError:
+        return
+    main.add_command(pay_command)
+
+
+_add_pay_command()
 
 if __name__ == "__main__":
     main()
