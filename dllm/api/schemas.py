@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from dllm.api.errors import invalid
 
 MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 512  # StopChecker's held-suffix scan is quadratic in a stop's length: keep it short
 SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed accepts
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 # Fields both endpoints take; the unsupported ones map to the values that mean "off".
-COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "user"}
+# top_k and ignore_eos are extensions (as in vLLM); the rest is OpenAI's.
+COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stream", "stream_options", "user",
+          "ignore_eos"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 _OFF = object()  # placeholder: only null is neutral
@@ -45,6 +48,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False
 
 
 def parse_body(body: bytes) -> dict:
@@ -117,6 +121,7 @@ def _common(body: dict) -> GenRequest:
     req.seed = _opt_int(body, "seed", *SEED_RANGE)
     req.stop = _stop(body.get("stop"))
     req.stream = bool(_opt(body, "stream", bool, "a boolean", False))
+    req.ignore_eos = bool(_opt(body, "ignore_eos", bool, "a boolean", False))
     opts = _opt(body, "stream_options", dict, "an object", None)
     if opts is not None:
         if not req.stream:
@@ -188,6 +193,8 @@ def _stop(value) -> list[str]:
         raise invalid("'stop' must be a string or an array of strings", param="stop")
     if len(stops) > MAX_STOPS:
         raise invalid(f"'stop' takes at most {MAX_STOPS} sequences, got {len(stops)}", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise invalid(f"each stop sequence may be at most {MAX_STOP_CHARS} characters", param="stop")
     return [_text(s, "stop") for s in stops]
 
 
@@ -220,7 +227,8 @@ def _opt_number(body: dict, name: str, lo: float, hi: float, default: float) -> 
     value = _opt(body, name, (int, float), "a number", None)
     if value is None:
         return default
-    if not (math.isfinite(value) and lo <= value <= hi):
+    # ints compare exactly (10**400 would overflow math.isfinite); floats must also be finite
+    if not (lo <= value <= hi and (isinstance(value, int) or math.isfinite(value))):
         raise invalid(f"'{name}' must be between {lo} and {hi}, got {_clip(str(value))}", param=name)
     return float(value)
 

@@ -101,7 +101,6 @@ class TokenStream:
         self._items.extend(tokens)
         if end is not None:
             self._items.append(_End(end) if isinstance(end, str) else end)
-            self._worker._release_slot(self)
         self._wake.set()
 
     def _accept(self, error: BaseException | None) -> None:
@@ -111,7 +110,6 @@ class TokenStream:
             self._accepted.set_result(None)
         else:
             self._accepted.set_exception(error)
-            self._worker._release_slot(self)
         self._wake.set()
 
 
@@ -127,7 +125,7 @@ class EngineWorker:
         self.kv_tokens = engine.head.blocks.num_blocks * engine.head.block_size
         self.tokens_generated = 0  # totals read by metrics (ints: safe to read from any thread)
         self.steps = 0
-        self._rate = deque(maxlen=256)  # (time, tokens) per step, for tokens/s
+        self._rate = deque(maxlen=4096)  # (time, tokens) per step, for tokens/s (10 s even at 400 steps/s)
         self._cond = threading.Condition()
         self._commands: list[tuple] = []
         self._pending: set[TokenStream] = set()  # guarded by _cond
@@ -208,11 +206,12 @@ class EngineWorker:
     def _do_add(self, stream: TokenStream) -> None:
         if stream._cancelled:
             self._post(stream, stream._accept, None)
-            self._post(stream, stream._deliver, [], "abort")
+            self._end(stream, [], "abort")
             return
         try:
             stream.seq = self.engine.add(stream.prompt, stream.params)
         except Exception as e:  # RequestError for bad input; anything else is still this request's
+            self._release_slot(stream)
             self._post(stream, stream._accept, e)
             return
         self._streams[stream.seq.seq_id] = stream
@@ -221,7 +220,7 @@ class EngineWorker:
     def _do_abort(self, stream: TokenStream) -> None:
         if stream.seq is not None and self._streams.pop(stream.seq.seq_id, None) is not None:
             self.engine.abort(stream.seq)
-            self._post(stream, stream._deliver, [], "abort")
+            self._end(stream, [], "abort")
 
     def _do_call(self, arg) -> None:
         fn, loop, fut = arg
@@ -250,6 +249,7 @@ class EngineWorker:
             n += len(new)
             if seq.finished:
                 del self._streams[seq.seq_id]
+                self._release_slot(stream)
             by_loop.setdefault(stream._loop, []).append((stream, new, seq.finish_reason))
         self.tokens_generated += n
         self._rate.append((time.perf_counter(), n))
@@ -262,7 +262,7 @@ class EngineWorker:
                 self.engine.abort(stream.seq)
             except Exception:
                 log.exception("abort after a failed step also failed")
-            self._post(stream, stream._deliver, [], error)
+            self._end(stream, [], error)
         self._streams.clear()
 
     def _shutdown(self) -> None:
@@ -270,10 +270,15 @@ class EngineWorker:
             commands, self._commands = self._commands, []
         for kind, arg in commands:  # never-started requests: refuse them
             if kind == "add":
+                self._release_slot(arg)
                 self._post(arg, arg._accept, WorkerClosed("the server is shutting down"))
             elif kind == "call":
                 _call_soon(arg[1], _settle, arg[2], None, WorkerClosed("the server is shutting down"))
         self._fail_all(WorkerClosed("the server shut down while generating"))
+
+    def _end(self, stream: TokenStream, tokens: list[int], end: str | BaseException) -> None:
+        self._release_slot(stream)
+        self._post(stream, stream._deliver, tokens, end)
 
     @staticmethod
     def _post(stream: TokenStream, fn, *args) -> None:
