@@ -437,8 +437,19 @@ def fetch(name, dtype):
 @click.option("--threads", default=2, show_default=True, type=int)
 @click.option("--no-hf", is_flag=True, help="Skip the HF transformers baseline.")
 @click.option("--out", default="bench/results/runtime-cpu.json", show_default=True)
-def bench(models, prompt_tokens, new_tokens, dtype, threads, no_hf, out):
+@click.option("--gpu", is_flag=True, help="The GPU benchmark (bench/gpu.py): --shape, --dtype bf16|int4|both.")
+@click.option("--shape", default="qwen2.5-32b", show_default=True, help="GPU benchmark: reference shape.")
+@click.option("--random-weights", is_flag=True, help="GPU benchmark: random weights (the only mode; speed is value-free).")
+def bench(models, prompt_tokens, new_tokens, dtype, threads, no_hf, out, gpu, shape, random_weights):
     """Prefill/decode tokens/s against HF transformers and the memory-bandwidth roofline."""
+    if gpu:
+        from bench.gpu import main as gpu_bench
+
+        argv = ["--shape", shape, "--dtype", dtype if dtype in ("bf16", "int4", "both") else "both",
+                "--new-tokens", str(new_tokens)] + (["--no-hf"] if no_hf else [])
+        if out != "bench/results/runtime-cpu.json":
+            argv += ["--out", out]
+        return gpu_bench(argv)
     from bench.runtime_cpu import run_bench
 
     run_bench(list(models), prompt_tokens=prompt_tokens, new_tokens=new_tokens, dtype=dtype,

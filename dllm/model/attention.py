@@ -1,8 +1,15 @@
-"""Attention over the paged KV cache: per-batch metadata and the torch reference path.
+"""Attention over the paged KV cache: per-batch metadata, the Triton path and the torch reference.
 
 One forward call carries a varlen batch: T new tokens from several sequences, flat. Each
 sequence's new tokens were just written to the cache, so attention for sequence i reads its
 whole context (ctx_len tokens, the new ones last) through its block table.
+
+Two forms of the same metadata (the runner builds one of them):
+- kernel form (`block_tables` set): tensors on the model's device that the Triton kernels read
+  (kernels/paged_attention.py, kernels/tree_attention.py); no host sync, so a CUDA graph can
+  replay it with the tensors updated in place;
+- torch form (`seqs`): one SeqAttention per sequence for SDPA, with explicit masks. It also
+  serves sliding windows, which the kernels do not implement.
 
 The mask of sequence i is [q_len, ctx_len] (True = may attend):
 - decode (q_len 1): no mask;
@@ -12,10 +19,12 @@ The mask of sequence i is [q_len, ctx_len] (True = may attend):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+import kernels
 
 
 @dataclass
@@ -33,9 +42,22 @@ class SeqAttention:
 class AttentionMetadata:
     positions: torch.Tensor     # [T] int64 rope positions (context length + depth for tree nodes)
     slot_mapping: torch.Tensor  # [T] int64 flat cache slot each new token's K/V is written to
-    seqs: list[SeqAttention]
-    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32, for the GPU kernels
-    context_lens: torch.Tensor | None = None  # [num_seqs] int32
+    seqs: list[SeqAttention] = field(default_factory=list)  # torch form
+    # ---- kernel form (all on the model's device) ----
+    block_tables: torch.Tensor | None = None  # [S, max_blocks] int32
+    context_lens: torch.Tensor | None = None  # [S] int32, new tokens included
+    cu_seqlens_q: torch.Tensor | None = None  # [S+1] int32
+    mask: torch.Tensor | None = None          # flat uint8 [sum q_len_i^2] (pack_masks); None = causal
+    mask_offsets: torch.Tensor | None = None  # [S+1] int32
+    decode: bool = False                      # every q_len is 1: the decode kernel
+    # host-side bounds, so the kernels plan their grids without reading the GPU
+    max_q_len: int = 1
+    max_context_len: int = 0
+    max_position: int = 0
+
+    @property
+    def kernel_form(self) -> bool:
+        return self.block_tables is not None
 
 
 def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -43,6 +65,20 @@ def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     n_kv, hd = k.shape[-2:]
     k_cache.view(-1, n_kv, hd).index_copy_(0, slots, k)
     v_cache.view(-1, n_kv, hd).index_copy_(0, slots, v)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, n_heads, hd] -> [T, n_heads, hd]: the Triton kernels for kernel-form metadata."""
+    if not meta.kernel_form:
+        return paged_attention_torch(q, k_cache, v_cache, meta, scale)
+    if meta.decode:
+        return kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                              scale=scale, max_context_len=meta.max_context_len)
+    # trees come topologically ordered (parent < child), so masks are lower triangular
+    return kernels.tree_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
+                                  meta.mask, meta.mask_offsets, scale=scale, max_q_len=meta.max_q_len,
+                                  max_context_len=meta.max_context_len, lower_triangular=True)
 
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

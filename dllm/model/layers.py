@@ -4,6 +4,11 @@ Projections are fused at load time: q/k/v into one [q+2kv, H] weight and gate/up
 [2I, H] weight, so a decode step does 4 matmuls per layer instead of 7 (on CPU each op costs
 ~10 µs of dispatch; at batch 1 that overhead is most of a small model's step).
 Activations are flat over tokens: [T, H].
+
+Each module has two paths with the same arithmetic: plain torch (CPU, `DLLM_KERNELS=0`) and the
+Triton ops of kernels/ (`use_kernels`, set by StageModel.set_kernels). The kernel path fuses
+the residual add into the next RMSNorm, rotates q/k in place inside the fused qkv output,
+and fuses SwiGLU; attention follows the metadata's form (dllm/model/attention.py).
 """
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from torch import nn
 
 from dllm.config import ModelConfig
 from dllm.errors import ConfigError
-from dllm.model.attention import AttentionMetadata, paged_attention_torch, store_kv
+import kernels
+from dllm.model.attention import AttentionMetadata, paged_attention, store_kv
+from dllm.model.quant import linear
 
 
 class RMSNorm(nn.Module):
@@ -25,13 +32,23 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
+        self.use_kernels = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernels:
+            return kernels.rmsnorm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): one fused pass on the kernel path."""
+        if self.use_kernels:
+            return kernels.add_rmsnorm(x, residual, self.weight, self.eps)
+        residual = x + residual
+        return self(residual), residual
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -64,6 +81,7 @@ class Rotary(nn.Module):
         inv_freq, self.attn_factor = rope_inv_freq(config)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self._cos = self._sin = None
+        self._kcos = self._ksin = None
 
     def _table(self, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cos is None or self._cos.shape[0] < n or self._cos.dtype != dtype:
@@ -79,6 +97,16 @@ class Rotary(nn.Module):
         """cos, sin [T, 1, hd] for positions [T]."""
         cos, sin = self._table(int(positions.max()) + 1, dtype, positions.device)
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+    def kernel_table(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [>= n, hd/2] fp32 for kernels.rope (which indexes them by position on the GPU).
+        Grown only when n exceeds it, so a CUDA graph captured after sizing it stays valid."""
+        if self._kcos is None or self._kcos.shape[0] < n or self._kcos.device != torch.device(device):
+            n = max(n, 4096 if self._kcos is None else 2 * self._kcos.shape[0])
+            freqs = torch.outer(torch.arange(n, dtype=torch.float64), self.inv_freq.double().cpu())
+            self._kcos = (freqs.cos() * self.attn_factor).float().to(device)
+            self._ksin = (freqs.sin() * self.attn_factor).float().to(device)
+        return self._kcos, self._ksin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -100,20 +128,26 @@ class Attention(nn.Module):
         self.o_weight = nn.Parameter(torch.empty(c.hidden_size, c.q_size), requires_grad=False)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps) if c.qk_norm else None
+        self.use_kernels = False
 
     def forward(self, x: torch.Tensor, cos, sin, kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """x [T, H] -> [T, H]. cos/sin: [T, 1, hd] per token (torch path) or the [N, hd/2] fp32
+        tables indexed by meta.positions (kernel path)."""
         T = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_kernels:
+            kernels.rope(q, k, meta.positions, cos, sin)  # in place, views of qkv
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         store_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        o = paged_attention_torch(q, kv[0], kv[1], meta, self.scale)
-        return F.linear(o.reshape(T, self.q_size), self.o_weight)
+        o = paged_attention(q, kv[0], kv[1], meta, self.scale)
+        return linear(o.reshape(T, self.q_size), self.o_weight)
 
 
 class MLP(nn.Module):
@@ -122,10 +156,14 @@ class MLP(nn.Module):
         self.inter = config.intermediate_size
         self.gate_up_weight = nn.Parameter(torch.empty(2 * config.intermediate_size, config.hidden_size), requires_grad=False)
         self.down_weight = nn.Parameter(torch.empty(config.hidden_size, config.intermediate_size), requires_grad=False)
+        self.use_kernels = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight).split(self.inter, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_weight)
+        gate_up = linear(x, self.gate_up_weight)  # [T, 2I]
+        if self.use_kernels:
+            return linear(kernels.swiglu(gate_up), self.down_weight)
+        gate, up = gate_up.split(self.inter, dim=-1)
+        return linear(F.silu(gate) * up, self.down_weight)
 
 
 class DecoderLayer(nn.Module):
@@ -136,6 +174,13 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv, meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.attn(self.input_norm(x), cos, sin, kv, meta)
-        return h + self.mlp(self.post_attn_norm(h))
+    def forward(self, x, residual, cos, sin, kv, meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (mlp output, residual): the caller adds the last pair. Deferring each
+        add into the next norm is exactly `h = x + attn(norm(x)); h + mlp(norm(h))`, and on the
+        kernel path it is one fused add+norm pass instead of three."""
+        if residual is None:
+            residual, h = x, self.input_norm(x)
+        else:
+            h, residual = self.input_norm.add(x, residual)
+        h, residual = self.post_attn_norm.add(self.attn(h, cos, sin, kv, meta), residual)
+        return self.mlp(h), residual

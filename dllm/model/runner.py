@@ -4,8 +4,14 @@ This is what a stage does per forward pass, locally or behind the network: apply
 commits, make room in the block manager (which also rolls back), build the attention
 metadata, run the layers. The same object serves the coordinator's first layer range, a
 stage server, and single-process generation.
+
+On CUDA with the Triton kernels, a pass of one sequence with 1..64 new tokens (a decode step or
+a draft tree) replays a CUDA graph of its size bucket (dllm/model/cuda_graph.py); `eager=True`
+or `DLLM_EAGER=1` turns that off.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -26,16 +32,38 @@ def ancestor_mask(parents: tuple[int, ...]) -> torch.Tensor:
     return m
 
 
+def chunk_mask(c: SeqChunk) -> torch.Tensor:
+    """[length, length] bool over a chunk's new tokens: ancestors for a tree, causal otherwise."""
+    if c.parents is not None:
+        return ancestor_mask(c.parents)
+    return torch.ones(c.length, c.length, dtype=torch.bool).tril()
+
+
+class Placed:
+    """Host-side result of placing one chunk in the cache: rope positions, write slots, table."""
+    __slots__ = ("positions", "slots", "table", "end")
+
+    def __init__(self, positions: list[int], slots: list[int], table: list[int], end: int):
+        self.positions, self.slots, self.table, self.end = positions, slots, table, end
+
+
 class StageRunner:
-    def __init__(self, model: StageModel, num_blocks: int, block_size: int = 16):
+    def __init__(self, model: StageModel, num_blocks: int, block_size: int = 16, eager: bool | None = None):
         self.model = model
         self.block_size = block_size
         self.blocks = BlockManager(num_blocks, block_size)
         self.kv = model.new_kv_cache(num_blocks, block_size)
+        self.graphs = None
+        if eager is None:
+            eager = os.environ.get("DLLM_EAGER", "0") not in ("", "0")
+        if not eager and model.use_kernels and model.device.type == "cuda":
+            from dllm.model.cuda_graph import GraphRunner
+
+            self.graphs = GraphRunner(self) if GraphRunner.supports(model) else None
 
     @classmethod
-    def for_tokens(cls, model: StageModel, max_tokens: int, block_size: int = 16) -> "StageRunner":
-        return cls(model, -(-max_tokens // block_size), block_size)
+    def for_tokens(cls, model: StageModel, max_tokens: int, block_size: int = 16, eager: bool | None = None) -> "StageRunner":
+        return cls(model, -(-max_tokens // block_size), block_size, eager)
 
     # ---- sequence lifecycle ------------------------------------------------------------------
     def free(self, seq_id: int) -> None:
@@ -57,23 +85,65 @@ class StageRunner:
                                [self.blocks.slot(c.seq_id, d) for _, d in moves])
         self.blocks.truncate(c.seq_id, tree_start + len(kept))
 
-    # ---- one pass ----------------------------------------------------------------------------
-    def prepare(self, chunks: list[SeqChunk]) -> AttentionMetadata:
-        device = self.model.device
+    def place(self, c: SeqChunk, pad_to: int | None = None) -> Placed:
+        """Apply c's commit, make positions start..start+length (or +pad_to) writable; host lists."""
+        if c.commit is not None:
+            self._commit(c)
+        end = c.start + (pad_to or c.length)
+        self.kv.copy_blocks(self.blocks.prepare_write(c.seq_id, c.start, end))
         bs = self.block_size
+        table = self.blocks.seqs[c.seq_id].blocks
+        positions = [c.start + d for d in c.depths()]
+        slots = [table[p // bs] * bs + p % bs for p in range(c.start, end)]
+        return Placed(positions, slots, table, end)
+
+    # ---- one pass ----------------------------------------------------------------------------
+    def kernel_form_ok(self, chunks: list[SeqChunk]) -> bool:
+        """The Triton attention kernels have no sliding window: use them while no key falls out."""
         window = self.model.config.sliding_window
-        positions, slots, seqs = [], [], []
-        q_start = 0
+        return self.model.use_kernels and (window is None or all(c.start + c.length <= window for c in chunks))
+
+    def prepare(self, chunks: list[SeqChunk]) -> AttentionMetadata:
+        kernel_form = self.kernel_form_ok(chunks)
+        placed = [self.place(c) for c in chunks]
+        if kernel_form:
+            return self._kernel_meta(chunks, placed)
+        return self._torch_meta(chunks, placed)
+
+    def _kernel_meta(self, chunks: list[SeqChunk], placed: list[Placed]) -> AttentionMetadata:
+        """Tensors for kernels/: block_tables [S, max_blocks] int32, context_lens [S] int32,
+        cu_seqlens_q [S+1] int32, packed masks (only when a tree is in the batch)."""
+        device, bs = self.model.device, self.block_size
+        max_blocks = max(-(-p.end // bs) for p in placed)
+        tables = [p.table[:-(-p.end // bs)] + [0] * (max_blocks - -(-p.end // bs)) for p in placed]
+        cu = [0]
         for c in chunks:
-            if c.commit is not None:
-                self._commit(c)
-            end = c.start + c.length
-            self.kv.copy_blocks(self.blocks.prepare_write(c.seq_id, c.start, end))
-            depths = c.depths()
-            pos = [c.start + d for d in depths]
-            positions += pos
-            table = self.blocks.seqs[c.seq_id].blocks
-            slots += [table[p // bs] * bs + p % bs for p in range(c.start, end)]
+            cu.append(cu[-1] + c.length)
+
+        def dev(values, dtype):  # pageable host -> device without waiting for the GPU
+            t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+            return t.to(device, non_blocking=True)
+
+        mask = offsets = None
+        if any(c.parents is not None for c in chunks):
+            import kernels
+
+            mask, offsets = (dev(t, None) for t in kernels.pack_masks([chunk_mask(c) for c in chunks]))
+        positions = [q for p in placed for q in p.positions]
+        return AttentionMetadata(
+            positions=dev(positions, torch.long), slot_mapping=dev([s for p in placed for s in p.slots], torch.long),
+            block_tables=dev(tables, torch.int32), context_lens=dev([p.end for p in placed], torch.int32),
+            cu_seqlens_q=dev(cu, torch.int32), mask=mask, mask_offsets=offsets,
+            decode=all(c.length == 1 for c in chunks), max_q_len=max(c.length for c in chunks),
+            max_context_len=max(p.end for p in placed), max_position=max(positions),
+        )
+
+    def _torch_meta(self, chunks: list[SeqChunk], placed: list[Placed]) -> AttentionMetadata:
+        device, bs = self.model.device, self.block_size
+        window = self.model.config.sliding_window
+        seqs, q_start = [], 0
+        for c, pl in zip(chunks, placed):
+            end, table, pos = pl.end, pl.table, pl.positions
             n_blocks = -(-end // bs)
             if table[:n_blocks] == list(range(table[0], table[0] + n_blocks)):
                 kv_slice, kv_index = (table[0] * bs, table[0] * bs + end), None
@@ -99,10 +169,11 @@ class StageRunner:
             seqs.append(SeqAttention(q_start, c.length, end, kv_slice, kv_index,
                                      None if mask is None else mask.to(device), causal))
             q_start += c.length
+        positions = [q for p in placed for q in p.positions]
         return AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            seqs=seqs,
+            slot_mapping=torch.tensor([s for p in placed for s in p.slots], dtype=torch.long, device=device),
+            seqs=seqs, max_position=max(positions),
         )
 
     @torch.inference_mode()
@@ -111,5 +182,10 @@ class StageRunner:
         total = sum(c.length for c in chunks)
         if x.shape[0] != total:
             raise ValueError(f"{x.shape[0]} hidden rows for chunks totalling {total} tokens")
+        x = x.to(self.model.device)
+        if self.graphs is not None:
+            n = self.graphs.bucket(chunks)
+            if n is not None:
+                return self.graphs.run(x, chunks[0], n)
         meta = self.prepare(chunks)
         return self.model(x, self.kv, meta)

@@ -7,9 +7,14 @@ The narrow interface every caller shares (engine, stage server, tests)::
     logits = stage.logits(x)         # [N, H] -> [N, V]       final norm + head (needs head=True)
 
 A stage built with ``from_pretrained`` reads only its own tensors from the checkpoint.
+
+On CUDA with triton the layers run the Triton ops of kernels/ (`use_kernels`); `DLLM_KERNELS=0`
+or ``set_kernels(False)`` forces the torch path. ``quantize_int4()`` turns every matmul weight
+(not the embedding) into group-wise int4.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +25,7 @@ from dllm.errors import WeightsError
 from dllm.kv.paged_cache import PagedKVCache
 from dllm.model.attention import AttentionMetadata
 from dllm.model.layers import DecoderLayer, RMSNorm, Rotary
+from dllm.model.quant import Int4Weight, linear
 from dllm.weights.loader import load_tensors
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -53,6 +59,35 @@ class StageModel(nn.Module):
         if head and not (config.tie_word_embeddings and embed):
             self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
         self.requires_grad_(False)
+        self.use_kernels = False
+        self.set_kernels(kernels_default())
+
+    def set_kernels(self, on: bool) -> "StageModel":
+        """Run the Triton ops (True) or the torch references (False) in every layer."""
+        self.use_kernels = bool(on)
+        for m in self.modules():
+            if m is not self and hasattr(m, "use_kernels"):
+                m.use_kernels = self.use_kernels
+        return self
+
+    def quantize_int4(self, group: int = 128) -> "StageModel":
+        """Replace every matmul weight (qkv, o, gate_up, down, an untied head) by an Int4Weight,
+        one at a time so the dense copy is freed before the next is quantized."""
+        def swap(module: nn.Module, name: str):
+            w = getattr(module, name)
+            if isinstance(w, Int4Weight):
+                return
+            q = Int4Weight.from_dense(w.data, group)
+            delattr(module, name)
+            setattr(module, name, q)
+
+        for layer in self.layers:
+            for module, name in ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
+                                 (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight")):
+                swap(module, name)
+        if self.lm_head is not None:
+            swap(self, "lm_head")
+        return self.set_kernels(self.use_kernels)
 
     # ---- weights -------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
@@ -123,7 +158,7 @@ class StageModel(nn.Module):
     # ---- compute -------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.layers[0].attn.qkv_weight.dtype if len(self.layers) else (
+        return self.layers[0].input_norm.weight.dtype if len(self.layers) else (
             self.embed_tokens.weight.dtype if self.embed_tokens is not None else self.norm.weight.dtype)
 
     @property
@@ -142,12 +177,23 @@ class StageModel(nn.Module):
         if not len(self.layers):
             return x
         x = x.to(self.dtype)
-        cos, sin = self.rotary.cos_sin(meta.positions, x.dtype)
+        if self.use_kernels:
+            cos, sin = self.rotary.kernel_table(meta.max_position + 1, meta.positions.device)
+        else:
+            cos, sin = self.rotary.cos_sin(meta.positions, x.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv.layer(i), meta)
-        return x
+            x, residual = layer(x, residual, cos, sin, kv.layer(i), meta)
+        return x + residual
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm and head: [N, H] -> [N, V] float32 logits."""
         w = self.lm_head if self.lm_head is not None else self.embed_tokens.weight
-        return torch.nn.functional.linear(self.norm(x.to(self.dtype)), w).float()
+        return linear(self.norm(x.to(self.dtype)), w).float()
+
+
+def kernels_default() -> bool:
+    """Triton ops when they can run here (CUDA + triton), unless DLLM_KERNELS=0."""
+    import kernels
+
+    return os.environ.get("DLLM_KERNELS", "1") != "0" and kernels.triton_available()

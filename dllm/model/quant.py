@@ -1,0 +1,73 @@
+"""Int4 weights for the runtime: a W4Packed holder that acts as a matmul weight.
+
+`Int4Weight` replaces a dense [out, in] weight in Attention/MLP (see StageModel.quantize_int4).
+Its buffers are the layout kernels/w4a16_matmul.py reads (qweight [in/8, out] int32, scales
+[in/g, out], zeros [in/g, out] uint8): 0.52 bytes a weight instead of 2, which is what a
+memory-bound decode step streams. On CUDA the Triton W4A16 kernel runs; elsewhere (or with
+kernels off) the torch reference dequantizes and multiplies, so CPU results equal a dense
+model whose weights were replaced by their dequantized values.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+# Rows quantized per pass: the reference quantizer holds ~30 bytes of temporaries per weight,
+# so 8192 rows of a 5120-wide weight stay near 1.3 GB; the whole 55296-row gate_up of
+# Qwen2.5-32B at once would need ~9 GB next to 65 GB of bf16 weights on an 80 GB card.
+ROWS_PER_PASS = 8192
+
+
+class Int4Weight(nn.Module):
+    def __init__(self, packed: kernels.W4Packed, use_kernels: bool = False):
+        super().__init__()
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("zeros", packed.zeros)
+        self.shape = packed.shape
+        self.group = packed.group
+        self.use_kernels = use_kernels
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, group: int = 128, use_kernels: bool = False) -> "Int4Weight":
+        return cls(quantize_rows(w, group), use_kernels)
+
+    @property
+    def packed(self) -> kernels.W4Packed:
+        return kernels.W4Packed(self.qweight, self.scales, self.zeros, self.shape, self.group)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense [out, in] (what the reference path multiplies by)."""
+        return kernels.dequantize_w4_ref(self.packed, dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x.dtype."""
+        x2 = x.reshape(-1, self.shape[1]).contiguous()
+        fn = kernels.w4a16_matmul if self.use_kernels else kernels.w4a16_matmul_ref
+        return fn(x2, self.packed).view(*x.shape[:-1], self.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"out={self.shape[0]}, in={self.shape[1]}, group={self.group}"
+
+
+def quantize_rows(w: torch.Tensor, group: int = 128, rows: int = ROWS_PER_PASS) -> kernels.W4Packed:
+    """quantize_w4 over blocks of output rows (same result, bounded temporaries)."""
+    parts = [kernels.quantize_w4(w[i:i + rows], group) for i in range(0, w.shape[0], rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return kernels.W4Packed(torch.cat([p.qweight for p in parts], 1), torch.cat([p.scales for p in parts], 1),
+                            torch.cat([p.zeros for p in parts], 1), tuple(w.shape), group)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a dense or an int4 weight."""
+    if isinstance(w, Int4Weight):
+        y = w(x)
+        return y if bias is None else y + bias
+    return F.linear(x, w, bias)
