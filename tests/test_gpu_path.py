@@ -30,7 +30,7 @@ import kernels  # noqa: E402
 from dllm.batch import SeqChunk  # noqa: E402
 from dllm.engine import Engine  # noqa: E402
 from dllm.model.cuda_graph import GraphRunner  # noqa: E402
-from dllm.model.quant import Int4Weight  # noqa: E402
+from dllm.model.quant import InputMajorWeight, Int4Weight  # noqa: E402
 from dllm.model.runner import StageRunner  # noqa: E402
 from dllm.model.stage import StageModel  # noqa: E402
 from dllm.sampling import SamplingParams  # noqa: E402
@@ -129,7 +129,15 @@ def test_int4_equals_model_with_dequantized_weights(tiny_models, arch, request):
     n_int4 = 0
     for name, w in q.named_modules():
         if isinstance(w, Int4Weight):
-            dense.get_parameter(name).copy_(w.dequantize(torch.float32))
+            value = w.dequantize(torch.float32)
+            try:
+                sub = dense.get_submodule(name)
+            except AttributeError:
+                sub = None
+            if isinstance(sub, InputMajorWeight):  # CPU layout: the dense model keeps it [in, out]
+                sub.wt.copy_(value.t())
+            else:
+                dense.get_parameter(name).copy_(value)
             n_int4 += 1
     if q.lm_head is not None:
         assert isinstance(q.lm_head, Int4Weight)

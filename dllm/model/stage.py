@@ -25,7 +25,7 @@ from dllm.errors import WeightsError
 from dllm.kv.paged_cache import PagedKVCache
 from dllm.model.attention import AttentionMetadata
 from dllm.model.layers import DecoderLayer, RMSNorm, Rotary
-from dllm.model.quant import Int4Weight, linear
+from dllm.model.quant import InputMajorWeight, Int4Weight, linear
 from dllm.weights.loader import load_tensors
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -77,7 +77,8 @@ class StageModel(nn.Module):
             w = getattr(module, name)
             if isinstance(w, Int4Weight):
                 return
-            q = Int4Weight.from_dense(w.data, group)
+            dense = w.wt.t() if isinstance(w, InputMajorWeight) else w.data
+            q = Int4Weight.from_dense(dense, group)
             delattr(module, name)
             setattr(module, name, q)
 
@@ -88,6 +89,29 @@ class StageModel(nn.Module):
         if self.lm_head is not None:
             swap(self, "lm_head")
         return self.set_kernels(self.use_kernels)
+
+    def optimize_cpu_layout(self) -> "StageModel":
+        """Store tall matmul weights (out > in: qkv, gate_up, the head) input-major for CPU GEMV.
+
+        A tied head gets its own transposed copy of the embedding (vocab x hidden more memory:
+        113 MB for SmolLM2, 0.9 GB for Qwen2.5-1.5B in fp32) because the head reads the whole
+        matrix every token while the embedding lookup reads one row."""
+        if self.device.type != "cpu":
+            return self
+
+        def swap(module: nn.Module, name: str, w: torch.Tensor):
+            if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] > w.shape[1]:
+                if hasattr(module, name):
+                    delattr(module, name)
+                setattr(module, name, InputMajorWeight(w.data))
+
+        for layer in self.layers:
+            for module, name in ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
+                                 (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight")):
+                swap(module, name, getattr(module, name))
+        if self.has_head:
+            swap(self, "lm_head", self.lm_head if self.lm_head is not None else self.embed_tokens.weight)
+        return self
 
     # ---- weights -------------------------------------------------------------------------
     def tensor_names(self) -> list[str]:
@@ -153,7 +177,7 @@ class StageModel(nn.Module):
         stage.rotary = Rotary(config).to(device)  # buffers computed, not loaded
         tensors = load_tensors(model_dir, stage.tensor_names(), verify=verify)
         stage.load_state(tensors)
-        return stage
+        return stage.optimize_cpu_layout()
 
     # ---- compute -------------------------------------------------------------------------
     @property
