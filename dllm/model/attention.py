@@ -50,6 +50,9 @@ class AttentionMetadata:
     mask: torch.Tensor | None = None          # flat uint8 [sum q_len_i^2] (pack_masks); None = causal
     mask_offsets: torch.Tensor | None = None  # [S+1] int32
     decode: bool = False                      # every q_len is 1: the decode kernel
+    # ---- torch form, several sequences decoding one token each: one padded SDPA ----
+    decode_index: torch.Tensor | None = None  # [S, L] flat slot of each context token (padding: 0)
+    decode_mask: torch.Tensor | None = None   # [S, 1, 1, L] bool, False on padding
     # host-side bounds, so the kernels plan their grids without reading the GPU
     max_q_len: int = 1
     max_context_len: int = 0
@@ -88,6 +91,13 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     k_flat = k_cache.view(-1, n_kv, hd)
     v_flat = v_cache.view(-1, n_kv, hd)
     gqa = q.shape[1] != n_kv
+    if meta.decode_index is not None:
+        # q [S, heads, hd] -> [S, heads, 1, hd]; K/V gathered [S, L, n_kv, hd] -> [S, n_kv, L, hd]
+        k = k_flat[meta.decode_index].transpose(1, 2)
+        v = v_flat[meta.decode_index].transpose(1, 2)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=scale,
+                                           enable_gqa=gqa)
+        return o.squeeze(2)
     if len(meta.seqs) == 1 and meta.seqs[0].q_start == 0:
         return _attend(q, k_flat, v_flat, meta.seqs[0], scale, gqa)
     out = torch.empty_like(q)

@@ -170,11 +170,30 @@ class StageRunner:
                                      None if mask is None else mask.to(device), causal))
             q_start += c.length
         positions = [q for p in placed for q in p.positions]
-        return AttentionMetadata(
+        meta = AttentionMetadata(
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             slot_mapping=torch.tensor([s for p in placed for s in p.slots], dtype=torch.long, device=device),
             seqs=seqs, max_position=max(positions),
         )
+        if len(seqs) > 1 and all(s.q_len == 1 and s.mask is None for s in seqs):
+            self._batched_decode(meta, placed)
+        return meta
+
+    def _batched_decode(self, meta: AttentionMetadata, placed: list[Placed]) -> None:
+        """Padded gather index [S, L] and key mask [S, 1, 1, L] for one SDPA over all decoding
+        sequences, built once per pass instead of one SDPA per sequence per layer (a decode step
+        of 8 sequences spent ~20% of its time in that per-sequence loop)."""
+        bs = self.block_size
+        longest = max(p.end for p in placed)
+        index = torch.zeros(len(placed), longest, dtype=torch.long)
+        valid = torch.zeros(len(placed), longest, dtype=torch.bool)
+        for i, p in enumerate(placed):
+            table = torch.tensor(p.table[:-(-p.end // bs)], dtype=torch.long)
+            slots = (table[:, None] * bs + torch.arange(bs)).flatten()[:p.end]
+            index[i, :p.end] = slots
+            valid[i, :p.end] = True
+        meta.decode_index = index.to(self.model.device)
+        meta.decode_mask = valid[:, None, None, :].to(self.model.device)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, chunks: list[SeqChunk]) -> torch.Tensor:

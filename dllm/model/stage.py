@@ -96,8 +96,8 @@ class StageModel(nn.Module):
         A tied head gets its own transposed copy of the embedding (vocab x hidden more memory:
         113 MB for SmolLM2, 0.9 GB for Qwen2.5-1.5B in fp32) because the head reads the whole
         matrix every token while the embedding lookup reads one row."""
-        if self.device.type != "cpu":
-            return self
+        if self.device.type != "cpu" or self.dtype != torch.float32:
+            return self  # bf16 goes through oneDNN, which streams [out, in] weights well at any row count
 
         def swap(module: nn.Module, name: str, w: torch.Tensor):
             if isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape[0] > w.shape[1]:
