@@ -75,6 +75,17 @@ def create_app(worker: EngineWorker, tokenizer: Tokenizer, model_name: str, *, r
     app.router.add_get("/metrics", metrics)
     for path in PAGE_FILES:
         app.router.add_get(path, page)
+    if payment_gate is not None and hasattr(payment_gate, "start"):
+        # a misconfigured paid door (transfer-hook mint, missing treasury account) fails at start-up
+        async def start_gate(app):
+            await payment_gate.start()
+
+        async def close_gate(app):
+            close = getattr(payment_gate, "close", None)
+            if close is not None:
+                await close()
+        app.on_startup.append(start_gate)
+        app.on_cleanup.append(close_gate)
     return app
 
 
