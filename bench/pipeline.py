@@ -28,13 +28,20 @@ from dllm.sampling import SamplingParams
 from dllm.tokenizer import Tokenizer
 
 
-def decode_tok_s(engine, ids, new_tokens, repeats=3) -> float:
-    engine.generate_all(ids[:8], SamplingParams(max_tokens=4, ignore_eos=True))
-    rates = []
+def one_rate(engine, ids, new_tokens) -> float:
+    stamps = [time.perf_counter() for _ in engine.generate(ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True))]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def interleaved_tok_s(single, chain, ids, new_tokens, repeats=5) -> tuple[float, float]:
+    """Median decode tok/s of both engines, runs alternating so drift hits both alike."""
+    for e in (single, chain):
+        e.generate_all(ids[:8], SamplingParams(max_tokens=4, ignore_eos=True))
+    a, b = [], []
     for _ in range(repeats):
-        stamps = [time.perf_counter() for _ in engine.generate(ids, SamplingParams(max_tokens=new_tokens, ignore_eos=True))]
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return median(rates)
+        a.append(one_rate(single, ids, new_tokens))
+        b.append(one_rate(chain, ids, new_tokens))
+    return median(a), median(b)
 
 
 def main() -> None:
@@ -51,7 +58,7 @@ def main() -> None:
         if hop.returncode == 0 else None
     model_dir = model_path(args.model)
     ids = prompt_ids(Tokenizer.from_dir(model_dir), args.prompt_tokens)
-    single = decode_tok_s(local_engine(model_dir, kv_tokens=1024), ids, args.new_tokens)
+    single_engine = local_engine(model_dir, kv_tokens=1024)
     n = ModelConfig.from_dir(model_dir).num_layers
     cut = n // 2
     rows = {}
@@ -59,7 +66,7 @@ def main() -> None:
         with LocalCluster(model_dir, [(cut, n)], emulate_rtt_ms=rtt, threads=args.threads, kv_tokens=1024) as c:
             eng = chain_engine(model_dir, [str(a) for a in c.addresses], (0, cut), emulate_rtt_ms=rtt, kv_tokens=1024)
             try:
-                chain = decode_tok_s(eng, ids, args.new_tokens)
+                single, chain = interleaved_tok_s(single_engine, eng, ids, args.new_tokens)
             finally:
                 eng.pipeline.close()
         over = 1000 / chain - 1000 / single - rtt
