@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from dllm.config import ModelConfig
+from dllm.convert import check_split, even_split
+from dllm.convert import parse_split as split_ranges
 from dllm.engine import Engine, LocalPipeline
 from dllm.model.runner import StageRunner
 from dllm.model.stage import StageModel
@@ -18,28 +20,7 @@ from dllm.weights.manifest import Manifest
 
 def parse_split(text: str, num_layers: int) -> list[tuple[int, int]]:
     """'0:12,12:24' -> [(0, 12), (12, 24)], checked to cover 0..num_layers contiguously."""
-    try:
-        ranges = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"bad --split {text!r}: expected A:B,B:C,…") from None
-    check_split(ranges, num_layers)
-    return ranges
-
-
-def check_split(ranges, num_layers: int) -> None:
-    if any(len(r) != 2 for r in ranges):
-        raise ValueError(f"bad split {ranges}: each range is A:B")
-    if ranges[0][0] != 0 or ranges[-1][1] != num_layers or any(a[1] != b[0] for a, b in zip(ranges, ranges[1:])):
-        raise ValueError(f"split {ranges} must cover layers 0:{num_layers} contiguously")
-    if any(b <= a for a, b in ranges[1:]):
-        raise ValueError(f"split {ranges}: every stage after the first needs at least one layer")
-
-
-def even_split(num_layers: int, stages: int) -> list[tuple[int, int]]:
-    if not 1 <= stages <= num_layers:
-        raise ValueError(f"cannot split {num_layers} layers into {stages} stages")
-    bounds = [round(i * num_layers / stages) for i in range(stages + 1)]
-    return list(zip(bounds, bounds[1:]))
+    return check_split(split_ranges(text), num_layers)
 
 
 def default_split(model_dir: str | Path, num_layers: int, stages: int) -> list[tuple[int, int]]:

@@ -15,9 +15,8 @@ from safetensors import safe_open
 
 from dllm.config import ModelConfig
 from dllm.errors import WeightsError
+from dllm.weights.loader import weight_map
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 # Files a converted model dir needs besides weights; copied verbatim when the source has them.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 # Buffers some exporters save that are not parameters (recomputed from the config at load time).
@@ -34,7 +33,7 @@ class HFDirSource:
         self.config = ModelConfig.from_dir(self.path)
         with open(self.path / "config.json") as f:
             self.hf_config = json.load(f)
-        self._file_of = _weight_map(self.path)
+        self._file_of = weight_map(self.path)
         self._handles: dict[str, object] = {}
         names = [n for n in self._file_of if not n.endswith(_SKIP_SUFFIXES)]
         if self.config.tie_word_embeddings:
@@ -76,21 +75,3 @@ class HFDirSource:
             except Exception as e:  # SafetensorError / OSError on a missing or corrupt shard
                 raise WeightsError(f"{self.path / file}: cannot open safetensors shard: {e}") from None
         return self._handles[file]
-
-
-def _weight_map(d: Path) -> dict[str, str]:
-    """tensor name -> shard file, from the index or from the single file's header."""
-    index = d / INDEX_NAME
-    if index.is_file():
-        try:
-            return json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WeightsError(f"{index} is malformed: {e}") from None
-    single = d / SINGLE_NAME
-    if single.is_file():
-        try:
-            with safe_open(single, framework="pt") as f:
-                return {k: SINGLE_NAME for k in f.keys()}
-        except Exception as e:
-            raise WeightsError(f"{single}: cannot read safetensors header: {e}") from None
-    raise WeightsError(f"{d}: no {INDEX_NAME} or {SINGLE_NAME}")
