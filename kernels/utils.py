@@ -12,6 +12,10 @@ import os
 
 import torch
 
+# Whether this module was imported with triton's interpreter on: @triton.jit picks the interpreter
+# at decoration time, so tests that set TRITON_INTERPRET late must reload the kernel modules.
+INTERPRETED_AT_IMPORT = os.environ.get("TRITON_INTERPRET") == "1"
+
 try:  # triton is an optional dependency (`pip install dllm[gpu]`)
     import triton
     import triton.language as tl

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
     # triton picks the interpreter when @triton.jit runs: reload kernels imported before this
     for _name in ["kernels.utils", "kernels.paged_attention", "kernels.rmsnorm", "kernels.rope",
                   "kernels.swiglu", "kernels.tree_attention", "kernels.w4a16_matmul", "kernels"]:
-        if _name in sys.modules:
+        if _name in sys.modules and not getattr(sys.modules.get("kernels.utils"), "INTERPRETED_AT_IMPORT", False):
             importlib.reload(sys.modules[_name])
 
 import kernels  # noqa: E402

@@ -27,7 +27,7 @@ except ImportError:
 _ORDER = ["kernels.utils", "kernels.paged_attention", "kernels.rmsnorm", "kernels.rope",
           "kernels.swiglu", "kernels.tree_attention", "kernels.w4a16_matmul", "kernels"]
 for _name in _ORDER:
-    if _name in sys.modules:
+    if _name in sys.modules and not getattr(sys.modules.get("kernels.utils"), "INTERPRETED_AT_IMPORT", False):
         importlib.reload(sys.modules[_name])
 
 
