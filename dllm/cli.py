@@ -272,6 +272,28 @@ def keygen(out, force):
     click.echo(ident.public_key)
 
 
+def _serve_node(server, ident, host: str, port: int) -> None:
+    """Serve a node (stage or drafter: anything with .app()) until interrupted, after printing
+    the ``ready KEY@host:port`` line that LocalCluster and operators wait for."""
+    import asyncio
+
+    from dllm.net.stage_server import serve_stage
+
+    async def main_():
+        runner = await serve_stage(server, host, port)
+        click.echo(f"ready {ident.public_key}@{host}:{port}")
+        sys.stdout.flush()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    try:
+        asyncio.run(main_())
+    except KeyboardInterrupt:
+        pass
+
+
 @main.command()
 @click.option("--model", required=True, help="Model directory (or known name).")
 @click.option("--layers", required=True, help="Layer range A:B this stage serves.")
@@ -285,13 +307,11 @@ def keygen(out, force):
 @click.option("--threads", default=None, type=int)
 def stage(model, layers, listen, identity_path, allow, dtype, kv_tokens, emulate_rtt, session_ttl, threads):
     """Serve layers A:B of a model to coordinators over an encrypted WebSocket."""
-    import asyncio
-
     from dllm.fetch import model_path as resolve_model
     from dllm.model.runner import StageRunner
     from dllm.model.stage import StageModel
     from dllm.net.crypto import Identity
-    from dllm.net.stage_server import StageServer, serve_stage
+    from dllm.net.stage_server import StageServer
 
     _threads(threads)
     ident = Identity.load(identity_path)
@@ -306,19 +326,7 @@ def stage(model, layers, listen, identity_path, allow, dtype, kv_tokens, emulate
                          allowed=allow.split(",") if allow else None, emulate_rtt_ms=emulate_rtt,
                          session_ttl_s=session_ttl)
 
-    async def main_():
-        runner = await serve_stage(server, host, int(port))
-        click.echo(f"ready {ident.public_key}@{host}:{port}")
-        sys.stdout.flush()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await runner.cleanup()
-
-    try:
-        asyncio.run(main_())
-    except KeyboardInterrupt:
-        pass
+    _serve_node(server, ident, host, int(port))
 
 
 @main.command()
@@ -337,10 +345,7 @@ def stage(model, layers, listen, identity_path, allow, dtype, kv_tokens, emulate
 @click.pass_context
 def node(ctx, role, model, layers, listen, identity_path, allow, draft_kind, dtype, emulate_rtt, threads):
     """Run a network node; its role follows its hardware unless --role says otherwise."""
-    import asyncio
-
     import torch
-    from aiohttp import web
 
     if role == "auto":
         role = "stage" if torch.cuda.is_available() else "drafter"
@@ -360,18 +365,7 @@ def node(ctx, role, model, layers, listen, identity_path, allow, draft_kind, dty
     server = DrafterServer(drafter, ident, allowed=allow.split(",") if allow else None, emulate_rtt_ms=emulate_rtt)
     host, _, port = listen.rpartition(":")
 
-    async def main_():
-        runner = web.AppRunner(server.app(), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, int(port)).start()
-        click.echo(f"ready {ident.public_key}@{host}:{port}")
-        sys.stdout.flush()
-        await asyncio.Event().wait()
-
-    try:
-        asyncio.run(main_())
-    except KeyboardInterrupt:
-        pass
+    _serve_node(server, ident, host, int(port))
 
 
 @main.command()

@@ -5,6 +5,20 @@ import pytest
 import torch
 
 
+def gguf_or_skip(name: str):
+    """The assembled GGUF of a known model; skip only when the download itself fails
+    (a sha256 mismatch or a broken assembly is a failure, not a skip)."""
+    from dllm.errors import FetchError
+    from dllm.fetch import ensure_gguf
+
+    try:
+        return ensure_gguf(name)
+    except FetchError as e:
+        if str(e).startswith("download failed"):
+            pytest.skip(f"cannot fetch {name}: {e}")
+        raise
+
+
 def model_dir_or_skip(name: str):
     from dllm.errors import FetchError
     from dllm.fetch import ensure_model

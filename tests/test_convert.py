@@ -12,19 +12,13 @@ from safetensors import safe_open
 
 from dllm.config import ModelConfig
 from dllm.convert import SplitError, check_split, convert, even_split, parse_split, plan_stages, stage_of
-from dllm.errors import ConfigError, FetchError, UnsupportedQuantError
+from dllm.errors import ConfigError, UnsupportedQuantError
 from dllm.weights.gguf_import import GGUFSource
 from dllm.weights.manifest import Manifest, sha256_file
 
+from .models import gguf_or_skip as fetch_or_skip
 
-def fetch_or_skip(name: str):
-    from dllm.fetch import ensure_gguf
-    try:
-        return ensure_gguf(name)
-    except FetchError as e:
-        if str(e).startswith("download failed"):
-            pytest.skip(f"cannot fetch {name}: {e}")
-        raise
+
 
 
 @pytest.fixture(scope="module")

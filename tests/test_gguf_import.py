@@ -12,20 +12,14 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from dllm.errors import ConfigError, FetchError, UnsupportedQuantError, WeightsError
+from dllm.errors import ConfigError, UnsupportedQuantError, WeightsError
 from dllm.weights.gguf_import import GGUFSource, can_dequantize, hf_tensor_name, unpermute_rope_rows
+
+from .models import gguf_or_skip as fetch_or_skip
 
 REAL_MODELS = ["smollm2", "qwen-coder-0.5b"]  # llama (permuted q/k, tied head) and qwen2 (biases, own head)
 
 
-def fetch_or_skip(name: str):
-    from dllm.fetch import ensure_gguf
-    try:
-        return ensure_gguf(name)
-    except FetchError as e:
-        if str(e).startswith("download failed"):
-            pytest.skip(f"cannot fetch {name}: {e}")
-        raise
 
 
 @pytest.fixture(scope="module", params=REAL_MODELS)

@@ -193,7 +193,8 @@ class StageServer:
             await (link if link is not None and link.is_open else fallback).send(frame)
 
 
-async def serve_stage(server: StageServer, host: str, port: int) -> web.AppRunner:
+async def serve_stage(server, host: str, port: int) -> web.AppRunner:
+    """Start a node's app (a StageServer, or any server with ``.app()``) on host:port."""
     runner = web.AppRunner(server.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
