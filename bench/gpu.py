@@ -13,7 +13,7 @@ else), the JSON rewritten after each:
   ours bf16      logits check (Triton path vs torch path, graphed vs eager), decode tok/s with
                  CUDA graphs (and eager), verify time of 4/16/64-node trees / one decode step
   torch bf16     plain PyTorch, static KV cache, CUDA-graphed step (gpt-fast style), same weights
-  ours int4      StageModel.quantize_int4() of the same model, then as bf16
+  ours int4      StageModel.quantize("int4", backend="w4a16") of the same model, then as bf16
   torch int4     the same baseline through torch's _weight_int4pack_mm (tinygemm)
   chain2         int4 layers [0, L/2) + embed/head here, [L/2, L) in a second process on the
                  same GPU, over loopback through dllm.net: end-to-end per-token time
@@ -214,7 +214,7 @@ def check_shallow(cfg: ModelConfig, quant: str, P: int, device) -> dict:
     """The same check on 2 layers of the real shape, where rounding has no depth to grow through."""
     st = build_random(cfg, range(2), True, True, "bf16", device, seed=2)
     if quant == "int4":
-        st.quantize_int4(GROUP)
+        st.quantize("int4", GROUP, backend="w4a16")
     try:
         return check_paths(st, P, device)
     finally:
@@ -615,7 +615,7 @@ def run(args) -> dict:
     if do_int4:
         def to_int4():
             if "st" in holder:
-                holder["st"].quantize_int4(GROUP)
+                holder["st"].quantize("int4", GROUP, backend="w4a16")
             else:
                 holder["st"] = build_random(cfg, range(cfg.num_layers), True, True, "int4", device)
             free_memory()

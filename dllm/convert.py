@@ -7,6 +7,7 @@ Output (see dllm/weights/manifest.py for manifest.json)::
     OUT/stage-00-of-02.safetensors         layers [0, a) + embed_tokens, norm, lm_head (coordinator)
     OUT/stage-01-of-02.safetensors         layers [a, L)
     OUT/model.safetensors.index.json       {"metadata": {...}, "weight_map": {name: file}}
+    (with --quant int8|int4 the matmul weights are stored quantized: dllm/weights/quantized.py)
     OUT/manifest.json                      sha256 + bytes of every file above, and the split
 
 Shards are written by hand in the safetensors format so that only one tensor is in memory at a time
@@ -136,28 +137,70 @@ def source_info(source) -> dict:
 
 # ---- writing -----------------------------------------------------------------------------------
 
-def write_shard(path: Path, source, names: list[str], dtype: str, bar=None) -> int:
-    """Write names to a safetensors file, one tensor in memory at a time; returns payload bytes.
+class Entry:
+    """One tensor of an output shard: its name, shape and dtype (known before any data is read)
+    and how to produce it."""
+    __slots__ = ("name", "shape", "dtype", "load")
 
-    The header (name -> dtype, shape, byte range) is computed from source.shape() before any data
-    is read, then each tensor is loaded, cast and appended.
+    def __init__(self, name: str, shape: list[int], dtype: torch.dtype, load):
+        self.name, self.shape, self.dtype, self.load = name, list(shape), dtype, load
+
+
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
+             torch.int32: "I32", torch.uint8: "U8"}
+
+
+def shard_entries(source, names: list[str], dtype: str, quant: str | None = None, group: int = 32,
+                  head_stage: bool = False) -> list[Entry]:
+    """The tensors one stage's shard holds. Dense names are cast to ``dtype``; with ``quant`` the
+    matmul weights become their quantized parts (dllm/weights/quantized.py), each quantized once,
+    and the head stage of a tied model gets its own lm_head.* parts from the embedding."""
+    from dllm.weights import quantized
+
+    torch_dtype = DTYPES[dtype][0]
+    entries, memo = [], {}
+
+    def part(src: str, p: str):
+        def load():
+            if memo.get("name") != src:  # the parts of one weight are written one after another
+                memo.update(name=src, parts=quantized.quantize_tensor(source.load(src), quant, group))
+            return memo["parts"][p]
+        return load
+
+    todo = list(names)
+    if quant is not None and head_stage and "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
+        todo.append("model.embed_tokens.weight as lm_head.weight")  # tied head, quantized on its own
+    for name in todo:
+        src, _, out = name.partition(" as ")
+        out = out or src
+        if quant is not None and quantized.is_matmul_weight(out):
+            for p, (shape, dt) in quantized.stored_shapes(tuple(source.shape(src)), quant, group).items():
+                entries.append(Entry(f"{quantized.base_name(out)}.{p}", shape, dt, part(src, p)))
+        else:
+            entries.append(Entry(out, list(source.shape(src)), torch_dtype,
+                                 lambda src=src: source.load(src).to(torch_dtype)))
+    return entries
+
+
+def write_shard(path: Path, entries: list[Entry], bar=None) -> int:
+    """Write entries to a safetensors file, one tensor in memory at a time; returns payload bytes.
+
+    The header (name -> dtype, shape, byte range) is computed from the entries before any data
+    is read, then each tensor is produced and appended.
     """
-    torch_dtype, st_dtype = DTYPES[dtype]
-    item = torch.empty((), dtype=torch_dtype).element_size()
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name in names:
-        shape = list(source.shape(name))
-        nbytes = item * _numel(shape)
-        header[name] = {"dtype": st_dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+    for e in entries:
+        nbytes = torch.empty((), dtype=e.dtype).element_size() * _numel(e.shape)
+        header[e.name] = {"dtype": ST_DTYPES[e.dtype], "shape": e.shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keep the payload 8-byte aligned, as safetensors does
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
-        for name in names:
-            t = source.load(name).to(torch_dtype).contiguous()
-            if list(t.shape) != header[name]["shape"]:
-                raise ConfigError(f"{name}: loaded shape {list(t.shape)} != declared {header[name]['shape']}")
+        for e in entries:
+            t = e.load().contiguous()
+            if list(t.shape) != e.shape or t.dtype != e.dtype:
+                raise ConfigError(f"{e.name}: produced {t.dtype} {list(t.shape)} != declared {e.dtype} {e.shape}")
             f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             if bar is not None:
                 bar.update(1)
@@ -176,14 +219,20 @@ def _write_text(path: Path, data: str | bytes) -> None:
 
 
 def convert(src, out, stages: int = 1, split=None, dtype: str = "float32", progress: bool = True,
-            overwrite: bool = False) -> Manifest:
+            overwrite: bool = False, quant: str | None = None, group: int = 32) -> Manifest:
     """Convert SRC (GGUF file or HF dir) into OUT; returns the saved Manifest.
 
     dtype defaults to float32: GGUF weights dequantize to exact fp32 values, and rounding them to
-    fp16 moves logits by more than the 1e-3 we hold against the HF oracle.
+    fp16 moves logits by more than the 1e-3 we hold against the HF oracle. ``quant`` ("int8" /
+    "int4", group-wise with ``group`` columns) stores the matmul weights quantized
+    (dllm/weights/quantized.py); dtype then applies to the embedding and norms.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"unsupported --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if quant not in (None, "int8", "int4"):
+        raise ConfigError(f"unsupported --quant {quant!r}; choose int8 or int4")
+    if quant == "int4" and group not in (32, 64, 128, 256):
+        raise ConfigError(f"unsupported --group {group}; choose 32, 64, 128 or 256")
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output {out} already exists and is not empty (remove it or pass overwrite)")
@@ -196,7 +245,7 @@ def convert(src, out, stages: int = 1, split=None, dtype: str = "float32", progr
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
-        manifest = _convert_into(tmp, source, cfg, ranges, dtype, progress)
+        manifest = _convert_into(tmp, source, cfg, ranges, dtype, progress, quant, group)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -204,7 +253,8 @@ def convert(src, out, stages: int = 1, split=None, dtype: str = "float32", progr
     return manifest
 
 
-def _convert_into(tmp: Path, source, cfg, ranges, dtype: str, progress: bool) -> Manifest:
+def _convert_into(tmp: Path, source, cfg, ranges, dtype: str, progress: bool, quant: str | None = None,
+                  group: int = 32) -> Manifest:
     names = source.tensor_names()
     n = len(ranges)
     files = [f"stage-{i:02d}-of-{n:02d}.safetensors" for i in range(n)]
@@ -214,19 +264,21 @@ def _convert_into(tmp: Path, source, cfg, ranges, dtype: str, progress: bool) ->
     extra = {"config.json": json.dumps(cfg.to_hf(), indent=2) + "\n", **tokenizer_files(source)}
     for fname, data in extra.items():
         _write_text(tmp / fname, data)
+    entries = [shard_entries(source, ns, dtype, quant, group, head_stage=(i == 0)) for i, ns in enumerate(by_stage)]
     total = 0
-    with tqdm(total=len(names), desc=f"convert {Path(source.path).name}", unit="tensor",
+    with tqdm(total=sum(map(len, entries)), desc=f"convert {Path(source.path).name}", unit="tensor",
               disable=not progress, file=sys.stderr) as bar:
-        for fname, stage_names in zip(files, by_stage):
-            total += write_shard(tmp / fname, source, stage_names, dtype, bar)
-    index = {"metadata": {"total_size": total, "format": "dllm", "dtype": dtype},
-             "weight_map": {name: files[i] for i, ns in enumerate(by_stage) for name in ns}}
+        for fname, stage_entries in zip(files, entries):
+            total += write_shard(tmp / fname, stage_entries, bar)
+    qinfo = {"mode": quant, "group": group} if quant else None
+    index = {"metadata": {"total_size": total, "format": "dllm", "dtype": dtype, **({"quant": qinfo} if quant else {})},
+             "weight_map": {e.name: files[i] for i, es in enumerate(entries) for e in es}}
     _write_text(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     written = [*extra, *files, INDEX_NAME]
     manifest = Manifest(
         files={f: file_entry(tmp / f) for f in written},
         stages=[StageEntry(f, r, embed=(i == 0), head=(i == 0)) for i, (f, r) in enumerate(zip(files, ranges))],
-        dtype=dtype, num_layers=cfg.num_layers, source=source_info(source))
+        dtype=dtype, num_layers=cfg.num_layers, source=source_info(source), quant=qinfo)
     manifest.save(tmp)
     return manifest
 

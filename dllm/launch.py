@@ -33,13 +33,15 @@ def default_split(model_dir: str | Path, num_layers: int, stages: int) -> list[t
 
 def local_engine(model_dir: str | Path, stages: int = 1, split: list[tuple[int, int]] | None = None,
                  dtype: str | torch.dtype = "float32", kv_tokens: int = 8192, block_size: int = 16,
-                 eos_ids=None, **engine_kw) -> Engine:
+                 eos_ids=None, quant: str | None = None, **engine_kw) -> Engine:
     """All stages in this process (stage 0 holds embedding + head + its layers)."""
     config = ModelConfig.from_dir(model_dir)
     split = split or default_split(model_dir, config.num_layers, stages)
     check_split(split, config.num_layers)
-    head = StageModel.from_pretrained(model_dir, layers=range(*split[0]), embed=True, head=True, dtype=dtype, config=config)
-    rest = [StageModel.from_pretrained(model_dir, layers=range(a, b), embed=False, head=False, dtype=dtype, config=config)
+    head = StageModel.from_pretrained(model_dir, layers=range(*split[0]), embed=True, head=True, dtype=dtype,
+                                      config=config, quant=quant)
+    rest = [StageModel.from_pretrained(model_dir, layers=range(a, b), embed=False, head=False, dtype=dtype,
+                                       config=config, quant=quant)
             for a, b in split[1:]]
     runners = [StageRunner.for_tokens(s, kv_tokens, block_size) for s in rest]
     return Engine(StageRunner.for_tokens(head, kv_tokens, block_size), LocalPipeline(runners) if runners else None,

@@ -124,7 +124,7 @@ def test_int4_equals_model_with_dequantized_weights(tiny_models, arch, request):
     if ran_elsewhere(request):
         return
     d, _ = tiny_models[arch]
-    q = load(d, False).quantize_int4(group=32)
+    q = load(d, False).quantize("int4", 32, backend="w4a16")
     dense = load(d, False)
     n_int4 = 0
     for name, w in q.named_modules():
@@ -186,7 +186,7 @@ def test_cuda_graph_trees_and_int4(tiny_models):
     drafter = RandomTreeDrafter(random.Random(11), 128, max_nodes=20)
     got, eng = greedy(load(d, True), 10, drafter=drafter, eager=False, spec_depth=4)
     assert got == ref and eng.head.graphs.replays > 0
-    q = load(d, True).quantize_int4(group=32)
+    q = load(d, True).quantize("int4", 32, backend="w4a16")
     assert greedy(q, 8, eager=False)[0] == greedy(q, 8, eager=True)[0]
 
 

@@ -1,6 +1,6 @@
 """Int4 weights for the runtime: a W4Packed holder that acts as a matmul weight.
 
-`Int4Weight` replaces a dense [out, in] weight in Attention/MLP (see StageModel.quantize_int4).
+`Int4Weight` replaces a dense [out, in] weight in Attention/MLP (see StageModel.quantize).
 Its buffers are the layout kernels/w4a16_matmul.py reads (qweight [in/8, out] int32, scales
 [in/g, out], zeros [in/g, out] uint8): 0.52 bytes a weight instead of 2, which is what a
 memory-bound decode step streams. On CUDA the Triton W4A16 kernel runs; elsewhere (or with
@@ -84,12 +84,9 @@ class InputMajorWeight(nn.Module):
         return x @ self.wt
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | Int4Weight | InputMajorWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a dense, an input-major or an int4 weight."""
-    if isinstance(w, InputMajorWeight):
-        y = w(x)
-        return y if bias is None else y + bias
-    if isinstance(w, Int4Weight):
+def linear(x: torch.Tensor, w: torch.Tensor | nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a dense weight, or any weight module (input-major, int4, int8) called on x."""
+    if isinstance(w, nn.Module):
         y = w(x)
         return y if bias is None else y + bias
     return F.linear(x, w, bias)

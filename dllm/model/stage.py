@@ -9,8 +9,9 @@ The narrow interface every caller shares (engine, stage server, tests)::
 A stage built with ``from_pretrained`` reads only its own tensors from the checkpoint.
 
 On CUDA with triton the layers run the Triton ops of kernels/ (`use_kernels`); `DLLM_KERNELS=0`
-or ``set_kernels(False)`` forces the torch path. ``quantize_int4()`` turns every matmul weight
-(not the embedding) into group-wise int4.
+or ``set_kernels(False)`` forces the torch path. ``quantize("int4"|"int8")`` turns every matmul weight
+(not the embedding lookup) into weight-only int4 / int8 (Triton W4A16 on CUDA, ATen's CPU kernels on
+CPU).
 """
 from __future__ import annotations
 
@@ -25,8 +26,13 @@ from dllm.errors import WeightsError
 from dllm.kv.paged_cache import PagedKVCache
 from dllm.model.attention import AttentionMetadata
 from dllm.model.layers import DecoderLayer, RMSNorm, Rotary
+from dllm.model.cpu_quant import CpuInt4Weight, Int8Weight
 from dllm.model.quant import InputMajorWeight, Int4Weight, linear
+
+QUANTIZED = (Int4Weight, CpuInt4Weight, Int8Weight)
 from dllm.weights.loader import load_tensors
+from dllm.weights.manifest import Manifest
+from dllm.weights.quantized import fused_weight, stored_names
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -60,6 +66,7 @@ class StageModel(nn.Module):
             self.lm_head = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
         self.requires_grad_(False)
         self.use_kernels = False
+        self.quant = None  # "int4" / "int8" once quantize() ran
         self.set_kernels(kernels_default())
 
     def set_kernels(self, on: bool) -> "StageModel":
@@ -70,24 +77,45 @@ class StageModel(nn.Module):
                 m.use_kernels = self.use_kernels
         return self
 
-    def quantize_int4(self, group: int = 128) -> "StageModel":
-        """Replace every matmul weight (qkv, o, gate_up, down, an untied head) by an Int4Weight,
-        one at a time so the dense copy is freed before the next is quantized."""
-        def swap(module: nn.Module, name: str):
-            w = getattr(module, name)
-            if isinstance(w, Int4Weight):
+    def quantize(self, mode: str = "int4", group: int | None = None, backend: str = "auto") -> "StageModel":
+        """Replace every matmul weight (qkv, o, gate_up, down, the head; not the embedding lookup)
+        by a quantized one, one at a time so each dense copy is freed before the next.
+
+        mode: "int4" (group-wise, `group` input columns per scale: default 32 on CPU, 128 for
+        W4A16) or "int8" (per output row).
+        backend: "w4a16" = Int4Weight (the Triton W4A16 kernel on CUDA, its torch reference
+        elsewhere); "cpu" = ATen's weight-only CPU kernels (dllm/model/cpu_quant.py); "auto" =
+        "cpu" on a CPU model, "w4a16" otherwise. A tied head gets its own quantized copy."""
+        if mode not in ("int4", "int8"):
+            raise ValueError(f"unknown quantization {mode!r}; choose int4 or int8")
+        if backend == "auto":
+            backend = "cpu" if self.device.type == "cpu" else "w4a16"
+        if backend == "w4a16" and mode != "int4":
+            raise ValueError("the W4A16 backend (GPU) runs int4 only; int8 is a CPU path")
+        if backend not in ("cpu", "w4a16"):
+            raise ValueError(f"unknown quantization backend {backend!r}")
+
+        def make(dense: torch.Tensor) -> nn.Module:
+            if backend == "w4a16":
+                return Int4Weight.from_dense(dense, group or 128)
+            return Int8Weight.from_dense(dense) if mode == "int8" else CpuInt4Weight.from_dense(dense, group or 32)
+
+        def swap(module: nn.Module, name: str, w) -> None:
+            if isinstance(w, QUANTIZED):
                 return
             dense = w.wt.t() if isinstance(w, InputMajorWeight) else w.data
-            q = Int4Weight.from_dense(dense, group)
-            delattr(module, name)
+            q = make(dense)
+            if hasattr(module, name):
+                delattr(module, name)
             setattr(module, name, q)
 
         for layer in self.layers:
             for module, name in ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
                                  (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight")):
-                swap(module, name)
-        if self.lm_head is not None:
-            swap(self, "lm_head")
+                swap(module, name, getattr(module, name))
+        if self.has_head:
+            swap(self, "lm_head", self.lm_head if self.lm_head is not None else self.embed_tokens.weight)
+        self.quant = mode
         return self.set_kernels(self.use_kernels)
 
     def optimize_cpu_layout(self) -> "StageModel":
@@ -114,8 +142,9 @@ class StageModel(nn.Module):
         return self
 
     # ---- weights -------------------------------------------------------------------------
-    def tensor_names(self) -> list[str]:
-        """The checkpoint tensors this stage needs (HF names)."""
+    def tensor_names(self, quant: str | None = None) -> list[str]:
+        """The checkpoint tensors this stage needs (HF names; a quantized checkpoint's matmul
+        weights expand to their stored parts, dllm/weights/quantized.py)."""
         c, names = self.config, []
         if self.has_embed:
             names.append("model.embed_tokens.weight")
@@ -130,16 +159,30 @@ class StageModel(nn.Module):
             names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
         if self.has_head:
             names.append("model.norm.weight")
-            if self.lm_head is not None:
+            if quant is not None:
+                names.append("lm_head.weight")  # a quantized checkpoint stores even a tied head
+            elif self.lm_head is not None:
                 names.append("model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight")
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys(n for name in names for n in stored_names(name, quant)))
 
-    def load_state(self, t: dict[str, torch.Tensor]) -> None:
-        """Copy HF-named tensors in, fusing q/k/v and gate/up; shapes are checked by name."""
+    def load_state(self, t: dict[str, torch.Tensor], quant: str | None = None) -> None:
+        """Copy HF-named tensors in, fusing q/k/v and gate/up; shapes are checked by name.
+        With ``quant`` the matmul weights are built from their quantized parts instead."""
         def put(param: torch.Tensor, value: torch.Tensor, name: str):
             if param.shape != value.shape:
                 raise WeightsError(f"{name}: checkpoint shape {tuple(value.shape)} != expected {tuple(param.shape)}")
             param.copy_(value)
+
+        def matmul(module: nn.Module, attr: str, names: list[str], fused: str):
+            if quant is not None:
+                w = fused_weight(t, names, quant, self.device, self.dtype)
+                expect = tuple(getattr(module, attr).shape) if getattr(module, attr) is not None else w.shape
+                if tuple(w.shape) != tuple(expect):
+                    raise WeightsError(f"{fused}: checkpoint shape {tuple(w.shape)} != expected {tuple(expect)}")
+                delattr(module, attr)
+                setattr(module, attr, w)
+            else:
+                put(getattr(module, attr), torch.cat([t[n] for n in names]), fused)
 
         if self.has_embed:
             put(self.embed_tokens.weight, t["model.embed_tokens.weight"], "model.embed_tokens.weight")
@@ -148,36 +191,68 @@ class StageModel(nn.Module):
             a = layer.attn
             put(layer.input_norm.weight, t[p + "input_layernorm.weight"], p + "input_layernorm.weight")
             put(layer.post_attn_norm.weight, t[p + "post_attention_layernorm.weight"], p + "post_attention_layernorm.weight")
-            qkv = [t[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]
-            put(a.qkv_weight, torch.cat(qkv), p + "self_attn.qkv_proj.weight")
+            matmul(a, "qkv_weight", [p + f"self_attn.{x}_proj.weight" for x in "qkv"], p + "self_attn.qkv_proj.weight")
             if a.qkv_bias is not None:
                 put(a.qkv_bias, torch.cat([t[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]), p + "self_attn.qkv_proj.bias")
-            put(a.o_weight, t[p + "self_attn.o_proj.weight"], p + "self_attn.o_proj.weight")
+            matmul(a, "o_weight", [p + "self_attn.o_proj.weight"], p + "self_attn.o_proj.weight")
             if a.q_norm is not None:
                 put(a.q_norm.weight, t[p + "self_attn.q_norm.weight"], p + "self_attn.q_norm.weight")
                 put(a.k_norm.weight, t[p + "self_attn.k_norm.weight"], p + "self_attn.k_norm.weight")
-            gate_up = torch.cat([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
-            put(layer.mlp.gate_up_weight, gate_up, p + "mlp.gate_up_proj.weight")
-            put(layer.mlp.down_weight, t[p + "mlp.down_proj.weight"], p + "mlp.down_proj.weight")
+            matmul(layer.mlp, "gate_up_weight", [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
+                   p + "mlp.gate_up_proj.weight")
+            matmul(layer.mlp, "down_weight", [p + "mlp.down_proj.weight"], p + "mlp.down_proj.weight")
         if self.has_head:
             put(self.norm.weight, t["model.norm.weight"], "model.norm.weight")
-            if self.lm_head is not None:
+            if quant is not None:
+                self.lm_head = fused_weight(t, ["lm_head.weight"], quant, self.device, self.dtype)
+                if tuple(self.lm_head.shape) != (self.config.vocab_size, self.config.hidden_size):
+                    raise WeightsError(f"lm_head.weight: checkpoint shape {tuple(self.lm_head.shape)} != expected "
+                                       f"{(self.config.vocab_size, self.config.hidden_size)}")
+            elif self.lm_head is not None:
                 name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
                 put(self.lm_head, t[name], name)
+        if quant is not None:
+            self.quant = quant
+            self.set_kernels(self.use_kernels)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, layers: range | None = None, embed: bool = True, head: bool = True,
                         dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        config: ModelConfig | None = None, verify: bool = True) -> "StageModel":
+                        config: ModelConfig | None = None, verify: bool = True, quant: str | None = None) -> "StageModel":
+        """Load this stage's tensors. ``dtype`` is the activation (and dense weight) dtype.
+        A quantized checkpoint (manifest "quant") loads as such; ``quant`` on a dense one
+        quantizes after loading (``quantize``); asking a quantized checkpoint for another
+        quantization is an error."""
         config = config or ModelConfig.from_dir(model_dir)
         dtype = parse_dtype(dtype)
+        manifest = Manifest.load(model_dir)
+        stored = manifest.quant["mode"] if manifest is not None and manifest.quant else None
+        if stored is not None and quant not in (None, stored):
+            raise WeightsError(f"{model_dir} is a {stored} checkpoint; it cannot run as {quant} "
+                               f"(convert the original weights with --quant {quant})")
         with torch.device("meta"):
             stage = cls(config, layers, embed, head)
+        if stored is not None:
+            stage._drop_dense_matmuls()
         stage = stage.to_empty(device=device).to(dtype)
         stage.rotary = Rotary(config).to(device)  # buffers computed, not loaded
-        tensors = load_tensors(model_dir, stage.tensor_names(), verify=verify)
-        stage.load_state(tensors)
+        tensors = load_tensors(model_dir, stage.tensor_names(stored), verify=verify)
+        stage.load_state(tensors, stored)
+        del tensors
+        if stored is None and quant is not None:
+            return stage.quantize(quant)
         return stage.optimize_cpu_layout()
+
+    def _drop_dense_matmuls(self) -> None:
+        """Replace the (meta) dense matmul weights by placeholders before to_empty, so loading a
+        quantized checkpoint never allocates the dense model; load_state installs the modules."""
+        for layer in self.layers:
+            for module, name in ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
+                                 (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight")):
+                shape = tuple(getattr(module, name).shape)
+                delattr(module, name)
+                setattr(module, name, _Placeholder(shape))
+        self.lm_head = None
 
     # ---- compute -------------------------------------------------------------------------
     @property
@@ -214,6 +289,14 @@ class StageModel(nn.Module):
         """Final norm and head: [N, H] -> [N, V] float32 logits."""
         w = self.lm_head if self.lm_head is not None else self.embed_tokens.weight
         return linear(self.norm(x.to(self.dtype)), w).float()
+
+
+class _Placeholder(nn.Module):
+    """Shape of a matmul weight that load_state is about to install (no storage)."""
+
+    def __init__(self, shape: tuple[int, int]):
+        super().__init__()
+        self.shape = shape
 
 
 def kernels_default() -> bool:

@@ -7,6 +7,7 @@ Format (``"format": "dllm-manifest/1"``)::
       "source": {"kind": "gguf" | "hf", "name": "...", "sha256": "..."},
       "dtype": "float32",
       "num_layers": 30,
+      "quant": {"mode": "int4", "group": 128},      (only in a quantized checkpoint, dllm/weights/quantized.py)
       "stages": [{"file": "stage-00-of-02.safetensors", "layers": [0, 15], "embed": true, "head": true},
                  {"file": "stage-01-of-02.safetensors", "layers": [15, 30], "embed": false, "head": false}],
       "files": {"stage-00-of-02.safetensors": {"sha256": "…", "bytes": 123}, "config.json": {…}, …}
@@ -44,6 +45,7 @@ class Manifest:
     dtype: str = "float32"
     num_layers: int = 0
     source: dict = field(default_factory=dict)
+    quant: dict | None = None  # {"mode": "int8" | "int4", "group": 128} for a quantized checkpoint
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "Manifest | None":
@@ -59,7 +61,7 @@ class Manifest:
         stages = [StageEntry(s["file"], tuple(s["layers"]), s.get("embed", False), s.get("head", False))
                   for s in d.get("stages", [])]
         return cls(files=d["files"], stages=stages, dtype=d.get("dtype", "float32"),
-                   num_layers=d.get("num_layers", 0), source=d.get("source", {}))
+                   num_layers=d.get("num_layers", 0), source=d.get("source", {}), quant=d.get("quant"))
 
     def save(self, model_dir: str | Path) -> None:
         d = {
@@ -67,6 +69,7 @@ class Manifest:
             "source": self.source,
             "dtype": self.dtype,
             "num_layers": self.num_layers,
+            **({"quant": self.quant} if self.quant else {}),
             "stages": [{"file": s.file, "layers": list(s.layers), "embed": s.embed, "head": s.head} for s in self.stages],
             "files": self.files,
         }
