@@ -9,6 +9,11 @@ import click
 from dllm.errors import DllmError
 
 DEFAULT_MODEL = "smollm2"
+# --dtype / --quant of run, stage and node; dllm.launch.resolve_precision turns them into what runs
+DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
+QUANT_CHOICES = ["none", "int8", "int4"]
+DTYPE_HELP = "Activation dtype; auto: float32 with int4 weights on CPU (or the checkpoint's stored quantization)."
+QUANT_HELP = "Weight quantization (default: int4 with --dtype auto on CPU, else none; a quantized checkpoint's own)."
 
 
 class CliGroup(click.Group):
@@ -17,6 +22,9 @@ class CliGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.BadParameter as e:  # a bad flag value: one line too, without the usage block
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
         except DllmError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -39,39 +47,49 @@ def _threads(n: int | None) -> None:
 
 def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None, local_stages=0,
                  emulate_rtt=0.0, identity_path=None, deadline=30.0, draft="none", tree="auto", kv_tokens=8192,
-                 threads=None, eos_ids=None, drafters=None, draft_deadline=0.05):
+                 threads=None, eos_ids=None, drafters=None, draft_deadline=0.05, quant=None):
     """Engine for `dllm run`: in-process stages, a remote chain (--peers), or local stage processes.
 
+    ``dtype`` / ``quant`` are the --dtype / --quant flags, resolved once here
+    (dllm.launch.resolve_precision) and given as such to every local stage process, so a local
+    chain computes what one process would; a --draft model resolves them against its own dir.
     Returns (engine, cleanup callable)."""
     from dllm.config import ModelConfig
-    from dllm.launch import chain_engine, default_split, local_engine, parse_split
+    from dllm.launch import (
+        chain_engine,
+        default_split,
+        local_engine,
+        parse_split,
+        resolve_precision,
+    )
 
     cfg = ModelConfig.from_dir(model_dir)
     cleanups = []
     split_ranges = parse_split(split, cfg.num_layers) if split else None
-    spec_kw = _speculation(model_dir, draft, tree, dtype, drafters, draft_deadline, cfg.vocab_size)
+    spec_kw = _speculation(model_dir, draft, tree, dtype, drafters, draft_deadline, cfg.vocab_size, quant)
+    dtype, quant = resolve_precision(dtype, quant, model_dir=model_dir)
     if local_stages and local_stages > 1:
         from dllm.net.local_cluster import LocalCluster
 
         ranges = split_ranges or default_split(model_dir, cfg.num_layers, local_stages)
         if len(ranges) != local_stages:
             raise click.UsageError(f"--split has {len(ranges)} ranges but --local-stages is {local_stages}")
-        cluster = LocalCluster(model_dir, ranges[1:], dtype=dtype, kv_tokens=kv_tokens, emulate_rtt_ms=emulate_rtt,
-                               threads=threads)
+        cluster = LocalCluster(model_dir, ranges[1:], dtype=dtype, quant=quant, kv_tokens=kv_tokens,
+                               emulate_rtt_ms=emulate_rtt, threads=threads)
         cleanups.append(cluster.stop)
         peers = [str(a) for a in cluster.addresses]
         first = ranges[0]
     elif peers:
         first = split_ranges[0] if split_ranges else None
     else:
-        engine = local_engine(model_dir, stages=stages, split=split_ranges, dtype=dtype, kv_tokens=kv_tokens,
-                              eos_ids=eos_ids, **spec_kw)
+        engine = local_engine(model_dir, stages=stages, split=split_ranges, dtype=dtype, quant=quant,
+                              kv_tokens=kv_tokens, eos_ids=eos_ids, **spec_kw)
         return engine, lambda: None
     from dllm.net.crypto import Identity
 
     ident = Identity.load(identity_path) if identity_path else Identity.generate()
     try:
-        engine = chain_engine(model_dir, peers, first, identity=ident, dtype=dtype, kv_tokens=kv_tokens,
+        engine = chain_engine(model_dir, peers, first, identity=ident, dtype=dtype, quant=quant, kv_tokens=kv_tokens,
                               emulate_rtt_ms=emulate_rtt, deadline_s=deadline, eos_ids=eos_ids, **spec_kw)
     except BaseException:
         for c in cleanups:
@@ -86,7 +104,7 @@ def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None
 
 
 def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, draft_deadline=0.05,
-                 vocab_size=1 << 31) -> dict:
+                 vocab_size=1 << 31, quant=None) -> dict:
     """Engine keyword arguments for --draft, --drafters and --tree."""
     if draft in (None, "", "none") and not drafters:
         return {}
@@ -102,7 +120,7 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, dr
 
         draft_dir = resolve_model(draft)
         check_draft_compatible(model_dir, draft_dir)
-        drafter = ModelDrafter.from_pretrained(draft_dir, dtype=dtype)
+        drafter = ModelDrafter.from_pretrained(draft_dir, dtype=dtype, quant=quant)
     if drafters:
         from dllm.spec.remote import ForestDrafter
 
@@ -131,7 +149,8 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, dr
 @click.option("--top-p", default=1.0, show_default=True, type=float)
 @click.option("--top-k", default=0, show_default=True, type=int)
 @click.option("--seed", default=None, type=int)
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES), help=DTYPE_HELP)
+@click.option("--quant", default=None, type=click.Choice(QUANT_CHOICES), help=QUANT_HELP)
 @click.option("--stages", default=1, show_default=True, type=int, help="Run the layers as N in-process stages.")
 @click.option("--split", default=None, help="Layer ranges, e.g. 0:12,12:24 (default: manifest's or even).")
 @click.option("--peers", default=None, help="Comma-separated KEY@host:port stage servers (spares welcome).")
@@ -162,7 +181,7 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, dr
 @click.option("--fee-payer-keypair", default=None, type=click.Path(dir_okay=False),
               help="Keypair that co-signs stock x402 'exact' payments (without it only pay-then-attach is offered).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: torch's).")
-def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed, dtype, stages, split, peers,
+def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed, dtype, quant, stages, split, peers,
         local_stages, identity_path, emulate_rtt, deadline, draft, tree, drafters, draft_deadline, serve_addr, rate,
         burst, kv_tokens, x402_on, x402_config, mint, treasury, price_usd, circ_usd, rpc, network, fee_payer_keypair,
         threads):
@@ -174,6 +193,7 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
     from dllm.config import ModelConfig
     from dllm.errors import RequestError
     from dllm.fetch import model_path as resolve_model
+    from dllm.launch import resolve_precision
     from dllm.sampling import SamplingParams
     from dllm.tokenizer import Tokenizer
 
@@ -186,10 +206,10 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
     if not serving and not prompt.strip():
         raise RequestError("empty prompt: give --prompt some text")
     gate = _payment_gate(x402_on, x402_config, mint, treasury, price_usd, circ_usd, rpc, network, fee_payer_keypair)
-    model_dir = resolve_model(model, dtype)
+    model_dir = resolve_model(model, resolve_precision(dtype, quant)[0])  # a known name converts in that dtype
     tok = Tokenizer.from_dir(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
-    engine, cleanup = build_engine(model_dir, stages=stages, split=split, dtype=dtype,
+    engine, cleanup = build_engine(model_dir, stages=stages, split=split, dtype=dtype, quant=quant,
                                    peers=peers.split(",") if peers else None, local_stages=local_stages,
                                    emulate_rtt=emulate_rtt, identity_path=identity_path, deadline=deadline,
                                    draft=draft, tree=tree, threads=threads, kv_tokens=kv_tokens,
@@ -300,14 +320,16 @@ def _serve_node(server, ident, host: str, port: int) -> None:
 @click.option("--listen", default="127.0.0.1:7000", show_default=True, help="HOST:PORT to listen on.")
 @click.option("--identity", "identity_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--allow", default=None, help="Comma-separated public keys allowed to connect (default: any authenticated key).")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES), help=DTYPE_HELP)
+@click.option("--quant", default=None, type=click.Choice(QUANT_CHOICES), help=QUANT_HELP)
 @click.option("--kv-tokens", default=8192, show_default=True, type=int, help="KV cache capacity in tokens.")
 @click.option("--emulate-rtt", default=0.0, show_default=True, type=float, help="Delay each outgoing hop by RTT/2 ms.")
 @click.option("--session-ttl", default=600.0, show_default=True, type=float, help="Free sequences idle this long (s).")
 @click.option("--threads", default=None, type=int)
-def stage(model, layers, listen, identity_path, allow, dtype, kv_tokens, emulate_rtt, session_ttl, threads):
+def stage(model, layers, listen, identity_path, allow, dtype, quant, kv_tokens, emulate_rtt, session_ttl, threads):
     """Serve layers A:B of a model to coordinators over an encrypted WebSocket."""
     from dllm.fetch import model_path as resolve_model
+    from dllm.launch import resolve_precision
     from dllm.model.runner import StageRunner
     from dllm.model.stage import StageModel
     from dllm.net.crypto import Identity
@@ -321,7 +343,9 @@ def stage(model, layers, listen, identity_path, allow, dtype, kv_tokens, emulate
     except ValueError:
         raise click.BadParameter(f"--layers {layers!r}: expected A:B") from None
     host, _, port = listen.rpartition(":")
-    model_ = StageModel.from_pretrained(model_dir, layers=range(a, b), embed=False, head=False, dtype=dtype)
+    dtype, quant = resolve_precision(dtype, quant, model_dir=model_dir)
+    model_ = StageModel.from_pretrained(model_dir, layers=range(a, b), embed=False, head=False, dtype=dtype,
+                                        quant=quant)
     server = StageServer(StageRunner.for_tokens(model_, kv_tokens), ident, model_name=str(model_dir),
                          allowed=allow.split(",") if allow else None, emulate_rtt_ms=emulate_rtt,
                          session_ttl_s=session_ttl)
@@ -339,11 +363,12 @@ def stage(model, layers, listen, identity_path, allow, dtype, kv_tokens, emulate
 @click.option("--allow", default=None, help="Comma-separated public keys allowed to connect.")
 @click.option("--draft", "draft_kind", default="model", type=click.Choice(["model", "ngram"]), show_default=True,
               help="Drafter role: draft with the model, or by prompt lookup.")
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES), help=DTYPE_HELP)
+@click.option("--quant", default=None, type=click.Choice(QUANT_CHOICES), help=QUANT_HELP)
 @click.option("--emulate-rtt", default=0.0, show_default=True, type=float)
 @click.option("--threads", default=None, type=int)
 @click.pass_context
-def node(ctx, role, model, layers, listen, identity_path, allow, draft_kind, dtype, emulate_rtt, threads):
+def node(ctx, role, model, layers, listen, identity_path, allow, draft_kind, dtype, quant, emulate_rtt, threads):
     """Run a network node; its role follows its hardware unless --role says otherwise."""
     import torch
 
@@ -353,7 +378,7 @@ def node(ctx, role, model, layers, listen, identity_path, allow, draft_kind, dty
         if not layers:
             raise click.UsageError("the stage role needs --layers A:B")
         return ctx.invoke(stage, model=model, layers=layers, listen=listen, identity_path=identity_path, allow=allow,
-                          dtype=dtype, kv_tokens=8192, emulate_rtt=emulate_rtt, session_ttl=600.0, threads=threads)
+                          dtype=dtype, quant=quant, kv_tokens=8192, emulate_rtt=emulate_rtt, session_ttl=600.0, threads=threads)
     from dllm.fetch import model_path
     from dllm.net.crypto import Identity
     from dllm.net.drafter_server import DrafterServer
@@ -361,7 +386,8 @@ def node(ctx, role, model, layers, listen, identity_path, allow, draft_kind, dty
 
     _threads(threads)
     ident = Identity.load(identity_path)
-    drafter = NgramDrafter() if draft_kind == "ngram" else ModelDrafter.from_pretrained(model_path(model), dtype=dtype)
+    drafter = (NgramDrafter() if draft_kind == "ngram"
+               else ModelDrafter.from_pretrained(model_path(model), dtype=dtype, quant=quant))
     server = DrafterServer(drafter, ident, allowed=allow.split(",") if allow else None, emulate_rtt_ms=emulate_rtt)
     host, _, port = listen.rpartition(":")
 
@@ -405,12 +431,26 @@ def plan(model, shape, gpus, quant, context, reserve, draft_gib):
 @click.option("--stages", default=1, show_default=True, type=int, help="Even split into N per-stage shards.")
 @click.option("--split", default=None, help="Explicit layer ranges, e.g. 0:12,12:24.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]))
-def convert(src, out, stages, split, dtype):
+@click.option("--quant", default=None, type=click.Choice(["int8", "int4"]),
+              help="Store the matmul weights quantized: int8 per row, or int4 in groups of --group columns.")
+@click.option("--group", default=32, show_default=True, type=int, help="int4 group size: 32, 64, 128 or 256.")
+def convert(src, out, stages, split, dtype, quant, group):
     """Convert an HF directory or a GGUF file into per-stage safetensors shards + manifest."""
     from dllm.convert import convert as do_convert
+    from dllm.model.cpu_quant import INT4_GROUPS
 
-    m = do_convert(src, out, stages=stages, split=split, dtype=dtype)
-    click.echo(f"wrote {out}: {len(m.stages)} stage(s) {m.split()}, dtype {m.dtype}")
+    if group not in INT4_GROUPS:
+        raise click.BadParameter(f"{group} is not an int4 group size; choose {', '.join(map(str, INT4_GROUPS))}",
+                                 param_hint="'--group'")
+    m = do_convert(src, out, stages=stages, split=split, dtype=dtype, quant=quant, group=group)
+    click.echo(f"wrote {out}: {len(m.stages)} stage(s) {m.split()}, dtype {m.dtype}, quant {_quant_text(m.quant)}")
+
+
+def _quant_text(q: dict | None) -> str:
+    """A manifest's "quant" entry as the convert summaries print it."""
+    if not q:
+        return "none"
+    return q["mode"] + (f" (group {q['group']})" if q["mode"] == "int4" else "")
 
 
 @main.command()

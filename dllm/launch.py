@@ -13,9 +13,50 @@ from dllm.config import ModelConfig
 from dllm.convert import check_split, even_split
 from dllm.convert import parse_split as split_ranges
 from dllm.engine import Engine, LocalPipeline
+from dllm.errors import WeightsError
 from dllm.model.runner import StageRunner
-from dllm.model.stage import StageModel
+from dllm.model.stage import StageModel, parse_dtype
 from dllm.weights.manifest import Manifest
+
+QUANT_CHOICES = ("none", "int8", "int4")  # --quant of run / stage / node (--dtype adds "auto" to the dtypes)
+
+
+def resolve_precision(dtype: str | torch.dtype = "auto", quant: str | None = None, device: str | torch.device = "cpu",
+                      model_dir: str | Path | None = None) -> tuple[str, str | None]:
+    """The (activation dtype name, weight quantization or None) a model runs in, from --dtype
+    and --quant; the one place that decides it for run, stage, node, the drafter and LocalCluster.
+
+    ``quant``: None (not given), "none" (dense), "int8" or "int4". An explicit value wins.
+    Otherwise a quantized checkpoint (manifest "quant" in ``model_dir``) runs as stored, and
+    ``dtype="auto"`` on CPU means int4 weights (int8 when a matmul's input width is not a
+    multiple of 32, the smallest int4 group). ``dtype="auto"`` is float32 activations on CPU
+    (the weight-only kernels keep them fp32 around the matmul) and bfloat16 on CUDA, where
+    ``quant`` stays as given. An explicit dtype runs dense unless --quant says otherwise.
+    A quantized checkpoint asked for another mode (or "none") raises WeightsError."""
+    if quant not in (None,) + QUANT_CHOICES:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    on_cpu = torch.device(device).type == "cpu"
+    auto = isinstance(dtype, str) and dtype == "auto"
+    name = ("float32" if on_cpu else "bfloat16") if auto else str(parse_dtype(dtype)).removeprefix("torch.")
+    manifest = Manifest.load(model_dir) if model_dir is not None else None
+    stored = manifest.quant["mode"] if manifest is not None and manifest.quant else None
+    if quant is not None:
+        mode = None if quant == "none" else quant
+        if stored is not None and mode != stored:
+            raise WeightsError(f"{model_dir} is a {stored} checkpoint; it cannot run "
+                               + (f"as {mode} (convert the original weights with --quant {mode})" if mode
+                                  else "unquantized (--quant none): convert the original weights without --quant"))
+        return name, mode
+    if stored is not None:
+        return name, stored
+    if auto and on_cpu:
+        return name, "int4" if model_dir is None or _int4_fits(ModelConfig.from_dir(model_dir)) else "int8"
+    return name, None
+
+
+def _int4_fits(cfg: ModelConfig) -> bool:
+    """Every matmul's input width (hidden, heads x head_dim, intermediate) takes an int4 group."""
+    return all(n % 32 == 0 for n in (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size))
 
 
 def parse_split(text: str, num_layers: int) -> list[tuple[int, int]]:
@@ -34,8 +75,10 @@ def default_split(model_dir: str | Path, num_layers: int, stages: int) -> list[t
 def local_engine(model_dir: str | Path, stages: int = 1, split: list[tuple[int, int]] | None = None,
                  dtype: str | torch.dtype = "float32", kv_tokens: int = 8192, block_size: int = 16,
                  eos_ids=None, quant: str | None = None, **engine_kw) -> Engine:
-    """All stages in this process (stage 0 holds embedding + head + its layers)."""
+    """All stages in this process (stage 0 holds embedding + head + its layers).
+    ``dtype`` / ``quant`` as resolve_precision takes them ("auto" included)."""
     config = ModelConfig.from_dir(model_dir)
+    dtype, quant = resolve_precision(dtype, quant, model_dir=model_dir)
     split = split or default_split(model_dir, config.num_layers, stages)
     check_split(split, config.num_layers)
     head = StageModel.from_pretrained(model_dir, layers=range(*split[0]), embed=True, head=True, dtype=dtype,
@@ -50,17 +93,21 @@ def local_engine(model_dir: str | Path, stages: int = 1, split: list[tuple[int, 
 
 def chain_engine(model_dir: str | Path, peers, split_first: tuple[int, int] | None = None, *,
                  identity=None, dtype: str | torch.dtype = "float32", kv_tokens: int = 8192, block_size: int = 16,
-                 emulate_rtt_ms: float = 0.0, deadline_s: float = 30.0, eos_ids=None, **engine_kw) -> Engine:
-    """Coordinator: embedding + head + layers ``split_first`` here, the rest over RemoteChain."""
+                 emulate_rtt_ms: float = 0.0, deadline_s: float = 30.0, eos_ids=None, quant: str | None = None,
+                 **engine_kw) -> Engine:
+    """Coordinator: embedding + head + layers ``split_first`` here, the rest over RemoteChain.
+    ``dtype`` / ``quant`` (resolve_precision) apply to this process only: each stage server
+    runs the precision it was started with."""
     from dllm.net.chain import RemoteChain
     from dllm.net.crypto import Identity
 
     config = ModelConfig.from_dir(model_dir)
+    dtype, quant = resolve_precision(dtype, quant, model_dir=model_dir)
     if split_first is None:
         m = Manifest.load(model_dir)
         split_first = tuple(m.split()[0]) if m is not None and len(m.stages) > 1 else (0, 0)
     head = StageModel.from_pretrained(model_dir, layers=range(*split_first), embed=True, head=True, dtype=dtype,
-                                      config=config)
+                                      config=config, quant=quant)
     chain = RemoteChain(identity or Identity.generate(), list(peers), split_first[1], config.num_layers,
                         emulate_rtt_ms=emulate_rtt_ms, deadline_s=deadline_s)
     return Engine(StageRunner.for_tokens(head, kv_tokens, block_size), chain,

@@ -35,7 +35,8 @@ def start_drafter(tmp_path, model_dir, *extra):
     Identity.generate().save(key)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "dllm.cli", "node", "--role", "drafter", "--model", str(model_dir),
-                             "--listen", f"127.0.0.1:{port}", "--identity", str(key), "--threads", "1", *extra],
+                             "--listen", f"127.0.0.1:{port}", "--identity", str(key), "--threads", "1",
+                             "--dtype", "float32", *extra],  # fp32: the drafter is exactly the target
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     return proc, wait_ready(proc, 120)
 

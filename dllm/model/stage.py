@@ -252,6 +252,8 @@ class StageModel(nn.Module):
                 shape = tuple(getattr(module, name).shape)
                 delattr(module, name)
                 setattr(module, name, _Placeholder(shape))
+        if "lm_head" in self._parameters:  # an untied head: unregister it, or load_state cannot set a module
+            delattr(self, "lm_head")
         self.lm_head = None
 
     # ---- compute -------------------------------------------------------------------------
@@ -282,7 +284,7 @@ class StageModel(nn.Module):
             cos, sin = self.rotary.cos_sin(meta.positions, x.dtype)
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, kv.layer(i), meta)
+            x, residual = layer.forward(x, residual, cos, sin, kv.layer(i), meta)
         return x + residual
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,11 @@ def free_port() -> int:
 class LocalCluster:
     def __init__(self, model_dir, ranges: list[tuple[int, int]], *, dtype: str = "float32", kv_tokens: int = 8192,
                  emulate_rtt_ms: float = 0.0, threads: int | None = None, allow: list[str] | None = None,
-                 ready_timeout_s: float = 180.0, extra_args: list[str] | None = None):
+                 ready_timeout_s: float = 180.0, extra_args: list[str] | None = None, quant: str | None = None):
+        """``dtype`` / ``quant`` go to every stage as --dtype / --quant (quant None: the flag is
+        left out, so a stage runs a quantized checkpoint as stored and a dense one dense). Give
+        them the coordinator's resolved values (dllm.launch.resolve_precision) so that the chain
+        computes exactly what one process would."""
         self.tmp = tempfile.TemporaryDirectory(prefix="dllm-stages-")
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[PeerAddress] = []
@@ -51,6 +55,8 @@ class LocalCluster:
                 cmd = [sys.executable, "-m", "dllm.cli", "stage", "--model", str(model_dir), "--layers", f"{a}:{b}",
                        "--listen", f"127.0.0.1:{port}", "--identity", str(ident_path), "--dtype", dtype,
                        "--kv-tokens", str(kv_tokens), "--emulate-rtt", str(emulate_rtt_ms)]
+                if quant is not None:
+                    cmd += ["--quant", quant]
                 if threads:
                     cmd += ["--threads", str(threads)]
                 if allow:

@@ -72,8 +72,13 @@ class ModelDrafter:
         self.cached: dict[int, list[int]] = {}  # tokens whose KV the draft holds, per sequence
 
     @classmethod
-    def from_pretrained(cls, model_dir, dtype="float32", **kw) -> "ModelDrafter":
-        return cls(StageModel.from_pretrained(model_dir, dtype=dtype), **kw)
+    def from_pretrained(cls, model_dir, dtype="float32", quant: str | None = None, **kw) -> "ModelDrafter":
+        """``dtype`` / ``quant`` as dllm.launch.resolve_precision takes them: ``dtype="auto"`` on
+        CPU drafts with int4 weights (the fast path; a draft only changes speed, never output)."""
+        from dllm.launch import resolve_precision
+
+        dtype, quant = resolve_precision(dtype, quant, model_dir=model_dir)
+        return cls(StageModel.from_pretrained(model_dir, dtype=dtype, quant=quant), **kw)
 
     @torch.inference_mode()
     def _step(self, seq_id: int, start: int, tokens: list[int]) -> torch.Tensor:
