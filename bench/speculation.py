@@ -6,7 +6,7 @@ tokens (checked). HF transformers assisted generation at RTT 0 is the outside ba
 speed-up over HF greedy, same prompts). Then projects the product's regime (2 × L4, 40 ms RTT)
 from the acceptance measured here and GPU step/verify times from bench/results/gpu-*.json.
 
-    python -m bench.speculation [--new-tokens 48] [--rtts 0,20,50]
+    python -m bench.speculation [--new-tokens 48] [--rtts 0,20,50] [--quant int4]
 """
 from __future__ import annotations
 
@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quant", default=None, choices=["int8", "int4"],
+                    help="weight-only quantized target and draft (the CPU fast path); outputs must still match")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     target, draft = model_path(args.target), model_path(args.draft)
@@ -107,16 +109,17 @@ def main() -> None:
     prompts = [tok.encode_chat(p["messages"]) for p in json.loads(PROMPTS.read_text())]
     n = ModelConfig.from_dir(target).num_layers
     cut = n // 2
-    drafter = ModelDrafter.from_pretrained(draft, dtype=args.dtype)
+    drafter = ModelDrafter.from_pretrained(draft, dtype=args.dtype, quant=args.quant)
     rows = {}
     for rtt in [float(r) for r in args.rtts.split(",")]:
         with LocalCluster(target, [(cut, n)], emulate_rtt_ms=rtt, threads=args.threads, kv_tokens=2048,
-                          dtype=args.dtype) as c:
+                          dtype=args.dtype, quant=args.quant) as c:
             peers = [str(a) for a in c.addresses]
             results = {}
             for mode, kw in [("greedy", {}), ("chain", {"drafter": drafter, "spec_depth": args.chain_depth}),
                              ("tree", {"drafter": drafter, "planner": TreePlanner(max_depth=8, max_width=3)})]:
-                eng = chain_engine(target, peers, (0, cut), emulate_rtt_ms=rtt, kv_tokens=2048, dtype=args.dtype, **kw)
+                eng = chain_engine(target, peers, (0, cut), emulate_rtt_ms=rtt, kv_tokens=2048, dtype=args.dtype,
+                                   quant=args.quant, **kw)
                 try:
                     outs, rate = run_all(eng, prompts, args.new_tokens)
                     results[mode] = (outs, rate, eng.stats.mean_accepted, eng.stats.passes)
@@ -135,15 +138,16 @@ def main() -> None:
     payload = {"benchmark": "speculation-cpu", "target": args.target, "draft": args.draft, "stages": 2,
                "split": [[0, cut], [cut, n]], "new_tokens": args.new_tokens, "prompts": len(prompts),
                "threads_per_process": args.threads, "per_rtt": rows}
-    if not args.no_hf:
+    if not args.no_hf and args.quant is None:
         hf = hf_assisted(target, draft, prompts, args.new_tokens)
         payload["hf_rtt0"] = {"greedy_tok_s": round(hf["greedy"], 2), "assisted_tok_s": round(hf["assisted"], 2),
                               "assisted_speedup": round(hf["assisted"] / hf["greedy"], 2)}
     proj = project_2xl4(max(max(r["mean_accepted"], r["mean_accepted_chain"]) for r in rows.values()))
     if proj:
         payload.update(proj)
-    payload["dtype"] = args.dtype
-    out = "speculation-cpu.json" if args.dtype == "float32" else f"speculation-cpu-{args.dtype}.json"
+    payload["dtype"], payload["quant"] = args.dtype, args.quant
+    variant = args.quant or (args.dtype if args.dtype != "float32" else None)
+    out = f"speculation-cpu-{variant}.json" if variant else "speculation-cpu.json"
     path = write_result(RESULTS / out, payload)
     print(json.dumps(payload["per_rtt"], indent=1))
     print(f"-> {path}")

@@ -28,8 +28,8 @@ def resolve_precision(dtype: str | torch.dtype = "auto", quant: str | None = Non
 
     ``quant``: None (not given), "none" (dense), "int8" or "int4". An explicit value wins.
     Otherwise a quantized checkpoint (manifest "quant" in ``model_dir``) runs as stored, and
-    ``dtype="auto"`` on CPU means int4 weights (int8 when a matmul's input width is not a
-    multiple of 32, the smallest int4 group). ``dtype="auto"`` is float32 activations on CPU
+    ``dtype="auto"`` on CPU means int4 weights (int8 when a matmul shape does not fit the int4
+    kernel: an input width not a multiple of 32, an output not of 16). ``dtype="auto"`` is float32 activations on CPU
     (the weight-only kernels keep them fp32 around the matmul) and bfloat16 on CUDA, where
     ``quant`` stays as given. An explicit dtype runs dense unless --quant says otherwise.
     A quantized checkpoint asked for another mode (or "none") raises WeightsError."""
@@ -55,8 +55,11 @@ def resolve_precision(dtype: str | torch.dtype = "auto", quant: str | None = Non
 
 
 def _int4_fits(cfg: ModelConfig) -> bool:
-    """Every matmul's input width (hidden, heads x head_dim, intermediate) takes an int4 group."""
-    return all(n % 32 == 0 for n in (cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.intermediate_size))
+    """Every matmul's input width (hidden, heads x head_dim, intermediate) takes an int4 group,
+    and every output height (qkv, o, gate_up, down, head) is a multiple of the kernel's 16 rows."""
+    inputs = (cfg.hidden_size, cfg.q_size, cfg.intermediate_size)
+    outputs = (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size, 2 * cfg.intermediate_size, cfg.vocab_size)
+    return all(n % 32 == 0 for n in inputs) and all(n % 16 == 0 for n in outputs)
 
 
 def parse_split(text: str, num_layers: int) -> list[tuple[int, int]]:

@@ -136,6 +136,9 @@ def test_int4_equals_model_with_dequantized_weights(tiny_models, arch, request):
                 sub = None
             if isinstance(sub, InputMajorWeight):  # CPU layout: the dense model keeps it [in, out]
                 sub.wt.copy_(value.t())
+            elif name == "lm_head" and dense.lm_head is None:
+                # a tied head is quantized on its own; the dense twin gets that head, untied
+                dense.lm_head = torch.nn.Parameter(value, requires_grad=False)
             else:
                 dense.get_parameter(name).copy_(value)
             n_int4 += 1
@@ -188,6 +191,26 @@ def test_cuda_graph_trees_and_int4(tiny_models):
     assert got == ref and eng.head.graphs.replays > 0
     q = load(d, True).quantize("int4", 32, backend="w4a16")
     assert greedy(q, 8, eager=False)[0] == greedy(q, 8, eager=True)[0]
+
+
+@needs_cuda
+def test_int4_checkpoint_runs_w4a16_on_cuda(tiny_models, tmp_path):
+    """A `convert --quant int4` checkpoint (float group offsets, made for the CPU kernel) loads on
+    CUDA as the Triton W4A16 weights, requantized: close to the stored values, and it decodes."""
+    from dllm.convert import convert
+
+    d, _ = tiny_models["llama"]
+    convert(d, tmp_path / "q", quant="int4", progress=False)
+    gpu = StageModel.from_pretrained(tmp_path / "q", dtype=torch.bfloat16, device="cuda")
+    cpu = StageModel.from_pretrained(tmp_path / "q")
+    for lg, lc in zip(gpu.layers, cpu.layers):
+        for name in ("gate_up_weight", "down_weight"):
+            wg, wc = getattr(lg.mlp, name), getattr(lc.mlp, name)
+            assert isinstance(wg, Int4Weight)
+            err = (wg.dequantize(torch.float32).cpu() - wc.dequantize()).norm() / wc.dequantize().norm()
+            assert err < 0.1, (name, float(err))
+    assert isinstance(gpu.lm_head, Int4Weight)
+    assert len(greedy(gpu, 8)[0]) == 8
 
 
 def test_eager_switch(tiny_models, monkeypatch):

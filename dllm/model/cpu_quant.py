@@ -120,6 +120,8 @@ class CpuInt4Weight(nn.Module):
                 or n_in % scales.shape[1]:
             raise ValueError(f"int4 weight must be uint8 codes [out, in/2] with scales/mins [out, in/group]; got "
                              f"{codes.dtype} {tuple(codes.shape)}, {tuple(scales.shape)}, {tuple(mins.shape)}")
+        if n_out % 16:  # the kernel packs 16 output rows together
+            raise ValueError(f"int4 weight needs a multiple of 16 output rows, got {n_out}; use int8 for it")
         self.group = n_in // scales.shape[1]
         if self.group not in INT4_GROUPS:
             raise ValueError(f"int4 group size {self.group} is not one the CPU kernel supports {INT4_GROUPS}")

@@ -1,0 +1,153 @@
+"""Quality of the weight-only quantized CPU models (int8, int4) against fp32, and what they read.
+
+For each model and mode (fp32 / int8 / int4, dllm/model/cpu_quant.py through
+``local_engine(..., quant=)``):
+
+- perplexity of the first 1024 tokens of bench/data/perplexity_sample.txt (one prefill,
+  dllm.eval.perplexity);
+- greedy agreement with fp32 of the first 64 greedy tokens (EOS ignored) for each chat-templated
+  prompt of bench/data/spec_prompts.json, every prompt decoded alone (plain greedy, no batching):
+  share of positions with the same token and the prefix before the first difference
+  (dllm.eval.greedy_agreement); the share is positional, so after a first difference the
+  shifted rest mostly counts as different;
+- weight bytes read per decode step: every parameter and buffer of the model (quantized codes,
+  scales and zeros included) but the rotary table, and not the embedding when the head is a
+  separate matrix (a lookup reads one row of it);
+- the GGUF source's quantization types, by share of parameters (a 4-bit copy of a 5/6/8-bit
+  source loses what a 4-bit copy of a 4-bit source does not).
+
+Run: ``python -m bench.quant_quality [model ...]`` -> bench/results/quant-quality.json.
+"""
+from __future__ import annotations
+
+import collections
+import gc
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import write_result
+
+DATA = Path(__file__).parent / "data"
+MODELS = ["smollm2", "qwen-coder-0.5b", "qwen-coder-1.5b"]
+MODES = ["fp32", "int8", "int4"]
+PPL_TOKENS = 1024
+GREEDY_TOKENS = 64
+TARGETS = {"int8": 0.03, "int4": 0.08}  # relative perplexity increase over fp32
+SECONDS_NOTE = ("wall seconds of each step as this run went, on a machine it may share: a record, not a speed "
+                "benchmark (bench/runtime_cpu.py and bench/cpu_fast_path.py measure speed)")
+
+
+def weight_bytes_read_per_token(stage) -> int:
+    """Bytes of weights one decode step reads (parameters and buffers, so quantized modules'
+    codes/scales count): not the rotary table, and not the embedding when the head is its own
+    matrix (an input-major fp32 copy or a quantized copy of a tied embedding included)."""
+    separate_head = stage.embed_tokens is not None and stage.lm_head is not None
+    total = 0
+    for name, t in list(stage.named_parameters()) + list(stage.named_buffers()):
+        if name.startswith("rotary.") or (separate_head and name.startswith("embed_tokens.")):
+            continue
+        total += t.numel() * t.element_size()
+    return total
+
+
+def source_types(name: str) -> dict:
+    """Share of the GGUF's parameters stored in each quantization type."""
+    from dllm.fetch import ensure_gguf
+    from dllm.weights.gguf_import import GGUFSource
+
+    src = GGUFSource(ensure_gguf(name))
+    count = collections.Counter()
+    for t in src.tensor_names():
+        count[src.quant_type(t)] += math.prod(src.shape(t))
+    total = sum(count.values())
+    return {k: round(v / total, 3) for k, v in count.most_common()}
+
+
+def bench_model(name: str, prompts: list[list[dict]]) -> dict:
+    from bench.runtime_cpu import weight_bytes_per_token
+    from dllm.eval import greedy_agreement, perplexity
+    from dllm.fetch import ensure_gguf, model_path
+    from dllm.launch import local_engine
+    from dllm.sampling import SamplingParams
+    from dllm.tokenizer import Tokenizer
+
+    model_dir = model_path(name)
+    tok = Tokenizer.from_dir(model_dir)
+    ids = tok.encode((DATA / "perplexity_sample.txt").read_text())[:PPL_TOKENS]
+    chats = [tok.encode_chat(p) for p in prompts]
+    out = {"gguf": ensure_gguf(name).name, "gguf_source_types": source_types(name), "modes": {}}
+    greedy_ref = None
+    for mode in MODES:
+        t0 = time.perf_counter()
+        engine = local_engine(model_dir, quant=None if mode == "fp32" else mode,
+                              kv_tokens=max(PPL_TOKENS, max(map(len, chats)) + GREEDY_TOKENS) + 64)
+        t1 = time.perf_counter()
+        stage = engine.model
+        row = {"weight_bytes_per_token": weight_bytes_read_per_token(stage)}
+        if mode == "fp32":  # the same count as the runtime benchmark's when there is nothing quantized
+            assert row["weight_bytes_per_token"] == weight_bytes_per_token(stage)
+        row["ppl"] = round(perplexity(stage, ids), 4)
+        t2 = time.perf_counter()
+        greedy = [engine.generate_all(c, SamplingParams(max_tokens=GREEDY_TOKENS, ignore_eos=True)) for c in chats]
+        t3 = time.perf_counter()
+        if mode == "fp32":
+            greedy_ref = greedy
+        else:
+            row["ppl_vs_fp32"] = round(row["ppl"] / out["modes"]["fp32"]["ppl"] - 1, 4)
+            row["target"] = TARGETS[mode]
+            row["target_met"] = row["ppl_vs_fp32"] < TARGETS[mode]
+            agree = [greedy_agreement(r, g) for r, g in zip(greedy_ref, greedy)]
+            row["greedy"] = agree
+            row["greedy_share_mean"] = round(sum(a["share"] for a in agree) / len(agree), 3)
+            row["greedy_prefix_mean"] = round(sum(a["prefix"] for a in agree) / len(agree), 1)
+        row["seconds"] = {"load": round(t1 - t0, 1), "perplexity": round(t2 - t1, 1), "greedy": round(t3 - t2, 1)}
+        out["modes"][mode] = row
+        print(f"  {name} {mode}: ppl {row['ppl']:.3f}  ({row['seconds']})", flush=True)
+        del engine, stage
+        gc.collect()
+    fp32 = out["modes"]["fp32"]["weight_bytes_per_token"]
+    for mode in MODES:
+        out["modes"][mode]["bytes_vs_fp32"] = round(out["modes"][mode]["weight_bytes_per_token"] / fp32, 3)
+    return out
+
+
+def print_table(rows: dict) -> None:
+    print(f"\n{'model':16} {'mode':5} {'ppl':>8} {'vs fp32':>8} {'target':>7} {'greedy share':>12} "
+          f"{'prefix':>7} {'MB/token':>9} {'x fp32':>7}")
+    for name, r in rows.items():
+        for mode, m in r["modes"].items():
+            vs = f"{100 * m['ppl_vs_fp32']:+.1f}%" if "ppl_vs_fp32" in m else ""
+            target = ("met" if m["target_met"] else "MISSED") if "target_met" in m else ""
+            share = f"{m['greedy_share_mean']:.3f}" if "greedy_share_mean" in m else ""
+            prefix = f"{m['greedy_prefix_mean']:.1f}" if "greedy_prefix_mean" in m else ""
+            print(f"{name:16} {mode:5} {m['ppl']:>8.3f} {vs:>8} {target:>7} {share:>12} {prefix:>7} "
+                  f"{m['weight_bytes_per_token'] / 1e6:>9.1f} {m['bytes_vs_fp32']:>7.3f}")
+        print(f"{'':16} source: {r['gguf']} {r['gguf_source_types']}")
+
+
+def run_bench(models=MODELS, threads: int = 2, out: str = "bench/results/quant-quality.json") -> dict:
+    torch.set_num_threads(threads)
+    prompts = [p["messages"] for p in json.loads((DATA / "spec_prompts.json").read_text())]
+    rows = {}
+    t0 = time.perf_counter()
+    for name in models:
+        rows[name] = bench_model(name, prompts)
+    print_table(rows)
+    path = write_result(out, {
+        "benchmark": "quant-quality", "threads": threads, "ppl_tokens": PPL_TOKENS,
+        "ppl_text": "bench/data/perplexity_sample.txt", "greedy_tokens": GREEDY_TOKENS,
+        "greedy_prompts": "bench/data/spec_prompts.json (chat template, each prompt alone, EOS ignored)",
+        "targets": {k: f"ppl within {int(v * 100)}% of fp32" for k, v in TARGETS.items()},
+        "seconds": round(time.perf_counter() - t0, 1), "seconds_note": SECONDS_NOTE, "models": rows})
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_bench(sys.argv[1:] or MODELS)
