@@ -76,9 +76,9 @@ class Int8Weight(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] -> [..., out] in x.dtype."""
-        x2 = x.reshape(-1, self.shape[1]).to(ACT_DTYPE)
-        y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
-        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, self.shape[1])).view(*x.shape[:-1], self.shape[0])
+        return torch._weight_int8pack_mm(x.to(ACT_DTYPE), self.qweight, self.scales).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"out={self.shape[0]}, in={self.shape[1]}"
@@ -143,9 +143,9 @@ class CpuInt4Weight(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale_zero))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.shape[1]).to(ACT_DTYPE)
-        y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group, self.scale_zero)
-        return y.to(x.dtype).view(*x.shape[:-1], self.shape[0])
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, self.shape[1])).view(*x.shape[:-1], self.shape[0])
+        return torch._weight_int4pack_mm_for_cpu(x.to(ACT_DTYPE), self.qweight, self.group, self.scale_zero).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"out={self.shape[0]}, in={self.shape[1]}, group={self.group}"
