@@ -21,7 +21,7 @@ import torch
 from aiohttp import web
 
 from dllm.net.crypto import Identity
-from dllm.net.link import WS_PATH, Link
+from dllm.net.link import WS_PATH, Link, LinkClosed
 from dllm.net.wire import Frame, FrameKind
 
 log = logging.getLogger("dllm.drafter")
@@ -59,6 +59,8 @@ class DrafterServer:
                 elif frame.kind == FrameKind.CLOSE_SESSION:
                     for sid in frame.meta.get("seqs", []):
                         self._forget(link.peer, sid)
+        except LinkClosed:  # an answer could not be sent: the peer is gone
+            pass
         finally:
             await link.close()
         return link.ws

@@ -1,15 +1,19 @@
 """Link: one authenticated, sealed WebSocket connection carrying wire Frames.
 
-A link is a SecureChannel over an aiohttp WebSocket. Both ends send with ``send(frame)`` and
-read with ``recv()``; sends go through one writer task, in order, so the channel's sequence
-numbers match the order on the socket, and an emulated one-way delay (``--emulate-rtt`` / 2)
-can be applied per hop without blocking the caller or reordering frames.
+A link is a SecureChannel over an aiohttp WebSocket (no compression: hidden states do not
+deflate, and deflate costs time on every hop). Both ends send with ``send(frame)`` and read with
+``recv()``. Without an emulated delay a frame is sealed and written to the socket inside
+``send`` (sealing and the transport write happen with no await between them, so sequence
+numbers match the order on the socket). With ``--emulate-rtt`` each frame is due at its send
+time + RTT/2 and one writer task puts frames on the socket in order as they fall due, so a
+delay never blocks the caller or reorders frames, and later frames do not wait for earlier
+timers beyond their own due time.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import time
 
 import aiohttp
 from aiohttp import web
@@ -35,8 +39,8 @@ class Link:
         self.peer = channel.peer_public_key
         self.delay_s = delay_s
         self._session = session
-        self._out: asyncio.Queue = asyncio.Queue()
-        self._writer = asyncio.ensure_future(self._write_loop())
+        self._due: collections.deque = collections.deque()  # (due time, encoded frame), delayed sends
+        self._writer: asyncio.Task | None = None
         self.closed_reason: str | None = None
 
     # ---- setup -----------------------------------------------------------------------------------
@@ -47,7 +51,8 @@ class Link:
         session = aiohttp.ClientSession()
         try:
             ws = await session.ws_connect(f"http://{addr.host}:{addr.port}{WS_PATH}", max_msg_size=MAX_MSG_BYTES,
-                                          timeout=aiohttp.ClientWSTimeout(ws_close=timeout), heartbeat=None)
+                                          timeout=aiohttp.ClientWSTimeout(ws_close=timeout), heartbeat=None,
+                                          compress=0)
             hello, state = client_hello(identity, addr.public_key)
             await ws.send_bytes(hello)
             msg = await asyncio.wait_for(ws.receive(), timeout)
@@ -67,7 +72,7 @@ class Link:
     async def accept(cls, request: web.Request, identity: Identity, allowed=None, delay_s: float = 0.0,
                      timeout: float = 10.0) -> "Link | None":
         """Server side of the handshake; returns None (connection closed, nothing sent) on refusal."""
-        ws = web.WebSocketResponse(max_msg_size=MAX_MSG_BYTES, heartbeat=None)
+        ws = web.WebSocketResponse(max_msg_size=MAX_MSG_BYTES, heartbeat=None, compress=False)
         await ws.prepare(request)
         try:
             msg = await asyncio.wait_for(ws.receive(), timeout)
@@ -81,24 +86,39 @@ class Link:
         return cls(ws, channel, delay_s)
 
     # ---- traffic ---------------------------------------------------------------------------------
-    async def send(self, frame: Frame) -> None:
+    async def send(self, frame: Frame, *, delay: bool = True) -> None:
+        """Seal and send ``frame`` (after the emulated one-way delay, unless ``delay`` is False
+        and nothing is waiting: for frames nobody waits on, such as CLOSE_SESSION).
+        LinkClosed if the link is closed or the socket fails."""
         if self.closed_reason:
             raise LinkClosed(f"link to {self.peer[:12]}… is closed: {self.closed_reason}")
         data = wire.encode(frame)
-        await self._out.put((time.monotonic() + self.delay_s, data))
+        if (self.delay_s <= 0 or not delay) and not self._due:
+            await self._write(data)
+            return
+        loop = asyncio.get_running_loop()
+        self._due.append((loop.time() + self.delay_s, data))
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_due())
 
-    async def _write_loop(self) -> None:
+    async def _write(self, data: bytes) -> None:
         try:
-            while True:
-                due, data = await self._out.get()
-                wait = due - time.monotonic()
+            await self.ws.send_bytes(self.channel.seal(data))
+        except Exception as e:  # socket gone, or the channel closed: everything after fails too
+            self.closed_reason = self.closed_reason or f"send failed: {e or type(e).__name__}"
+            raise LinkClosed(f"link to {self.peer[:12]}… failed to send: {self.closed_reason}") from None
+
+    async def _write_due(self) -> None:
+        """Put delayed frames on the socket in order, each at its due time."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._due:
+                wait = self._due[0][0] - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                await self.ws.send_bytes(bytes(self.channel.seal(data)))
-        except asyncio.CancelledError:
-            pass
-        except Exception as e:  # socket gone: everything after fails at send()
-            self.closed_reason = f"send failed: {e or type(e).__name__}"
+                await self._write(self._due.popleft()[1])
+        except (LinkClosed, asyncio.CancelledError):
+            self._due.clear()
 
     async def recv(self) -> Frame:
         """Next frame; LinkClosed when the socket ends or a frame fails authentication."""
@@ -126,7 +146,8 @@ class Link:
 
     async def close(self) -> None:
         self.closed_reason = self.closed_reason or "closed"
-        self._writer.cancel()
+        if self._writer is not None:
+            self._writer.cancel()
         with contextlib.suppress(Exception):
             await self.ws.close()
         if self._session is not None:
