@@ -83,9 +83,16 @@ def test_chain_pass_equals_local_layers_and_runs_in_the_calling_thread(tiny_dir)
             x = torch.randn(1, H, generator=g)
             assert torch.equal(chain.forward(x, [SeqChunk(1, i, 1)]),
                                wire_round(local.forward(wire_round(x), [SeqChunk(1, i, 1)])))
-        # the warm-ups run the real receive paths without touching the real channels
+        # the warm-ups run the real receive paths without touching the real channels (on their
+        # own loop's thread: the stage's loop calls its warmer while it spins)
         chain._warm()
-        stage.server._warm()
+
+        async def warm_stage():
+            stage.server._warm()
+
+        asyncio.run_coroutine_threadsafe(warm_stage(), stage.loop).result(10)
+        assert chain._warm in chain._loop._selector.warmers  # a warmer that raised would be dropped
+        assert stage.server._warm in stage.loop._selector.warmers
         assert stage.server.frames_done == 5
         assert chain.status()[stage.addr]["sessions"] == 1
         chain.free(1)
