@@ -98,9 +98,7 @@ def gib_used() -> float:
 
 # ---- random models -----------------------------------------------------------------------------
 def matmul_slots(st: StageModel):
-    for layer in st.layers:
-        yield from ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
-                    (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight"))
+    yield from st.layer_matmuls()
     if st.lm_head is not None:
         yield st, "lm_head"
 

@@ -229,10 +229,14 @@ def convert(src, out, stages: int = 1, split=None, dtype: str = "float32", progr
     """
     if dtype not in DTYPES:
         raise ConfigError(f"unsupported --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    if quant not in (None, "int8", "int4"):
-        raise ConfigError(f"unsupported --quant {quant!r}; choose int8 or int4")
-    if quant == "int4" and group not in (32, 64, 128, 256):
-        raise ConfigError(f"unsupported --group {group}; choose 32, 64, 128 or 256")
+    from dllm.model.cpu_quant import INT4_GROUPS
+    from dllm.weights.quantized import MODES
+
+    if quant not in (None, *MODES):
+        raise ConfigError(f"unsupported --quant {quant!r}; choose {' or '.join(MODES)}")
+    if group not in INT4_GROUPS:  # checked whatever quant is: a typo should not pass silently
+        raise ConfigError(f"unsupported --group {group}: {group} is not an int4 group size; "
+                          f"choose {', '.join(map(str, INT4_GROUPS))}")
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output {out} already exists and is not empty (remove it or pass overwrite)")

@@ -28,11 +28,11 @@ from dllm.model.attention import AttentionMetadata
 from dllm.model.layers import DecoderLayer, RMSNorm, Rotary
 from dllm.model.cpu_quant import CpuInt4Weight, Int8Weight
 from dllm.model.quant import InputMajorWeight, Int4Weight, linear
-
-QUANTIZED = (Int4Weight, CpuInt4Weight, Int8Weight)
 from dllm.weights.loader import load_tensors
 from dllm.weights.manifest import Manifest
 from dllm.weights.quantized import fused_weight, stored_names
+
+QUANTIZED = (Int4Weight, CpuInt4Weight, Int8Weight)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -77,6 +77,12 @@ class StageModel(nn.Module):
                 m.use_kernels = self.use_kernels
         return self
 
+    def layer_matmuls(self):
+        """(module, attribute) of every layer matmul weight: qkv, o, gate_up, down per layer."""
+        for layer in self.layers:
+            yield from ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
+                        (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight"))
+
     def quantize(self, mode: str = "int4", group: int | None = None, backend: str = "auto") -> "StageModel":
         """Replace every matmul weight (qkv, o, gate_up, down, the head; not the embedding lookup)
         by a quantized one, one at a time so each dense copy is freed before the next.
@@ -109,10 +115,8 @@ class StageModel(nn.Module):
                 delattr(module, name)
             setattr(module, name, q)
 
-        for layer in self.layers:
-            for module, name in ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
-                                 (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight")):
-                swap(module, name, getattr(module, name))
+        for module, name in self.layer_matmuls():
+            swap(module, name, getattr(module, name))
         if self.has_head:
             swap(self, "lm_head", self.lm_head if self.lm_head is not None else self.embed_tokens.weight)
         self.quant = mode
@@ -133,10 +137,8 @@ class StageModel(nn.Module):
                     delattr(module, name)
                 setattr(module, name, InputMajorWeight(w.data))
 
-        for layer in self.layers:
-            for module, name in ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
-                                 (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight")):
-                swap(module, name, getattr(module, name))
+        for module, name in self.layer_matmuls():
+            swap(module, name, getattr(module, name))
         if self.has_head:
             swap(self, "lm_head", self.lm_head if self.lm_head is not None else self.embed_tokens.weight)
         return self
@@ -246,12 +248,10 @@ class StageModel(nn.Module):
     def _drop_dense_matmuls(self) -> None:
         """Replace the (meta) dense matmul weights by placeholders before to_empty, so loading a
         quantized checkpoint never allocates the dense model; load_state installs the modules."""
-        for layer in self.layers:
-            for module, name in ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
-                                 (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight")):
-                shape = tuple(getattr(module, name).shape)
-                delattr(module, name)
-                setattr(module, name, _Placeholder(shape))
+        for module, name in self.layer_matmuls():
+            shape = tuple(getattr(module, name).shape)
+            delattr(module, name)
+            setattr(module, name, _Placeholder(shape))
         if "lm_head" in self._parameters:  # an untied head: unregister it, or load_state cannot set a module
             delattr(self, "lm_head")
         self.lm_head = None

@@ -8,8 +8,7 @@ import argparse
 import sys
 
 from dllm.convert import DTYPES, convert
-from dllm.errors import ConfigError, DllmError
-from dllm.model.cpu_quant import INT4_GROUPS
+from dllm.errors import DllmError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.group not in INT4_GROUPS:  # checked whatever --quant is: a typo should not pass silently
-            raise ConfigError(f"unsupported --group {args.group}; choose {', '.join(map(str, INT4_GROUPS))}")
         m = convert(args.src, args.out, stages=args.stages, split=args.split, dtype=args.dtype,
                     progress=not args.quiet, overwrite=args.overwrite, quant=args.quant, group=args.group)
     except DllmError as e:
