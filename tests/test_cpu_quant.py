@@ -23,7 +23,6 @@ from dllm.model.cpu_quant import (
 from dllm.model.runner import StageRunner
 from dllm.model.stage import StageModel
 from dllm.sampling import SamplingParams
-from dllm.spec.tree import DraftTree
 from tests.test_speculative import SPLITS, RandomTreeDrafter, greedy_oracle
 
 KINDS = {"int8": Int8Weight.from_dense, "int4": CpuInt4Weight.from_dense}
@@ -174,25 +173,6 @@ def test_stage_quantize_rejects_bad_modes(tiny_models):
 
 # ---- speculative decoding with a quantized target ------------------------------------------
 
-class AlwaysWrongDrafter(RandomTreeDrafter):
-    """Random tree shapes whose every node is a token the target does not choose there."""
-
-    def __init__(self, rng, vocab, oracle, max_nodes=12):
-        super().__init__(rng, vocab, None, 0.0, max_nodes)
-        self.target = oracle
-
-    def propose(self, seq_id, context, depth, width):
-        tree = DraftTree.root(context[-1])
-        for _ in range(self.rng.randint(1, self.max_nodes)):
-            parent = self.rng.randrange(len(tree))
-            if tree.depths()[parent] >= depth:
-                continue
-            path = [tree.tokens[i] for i in tree.path(parent)]
-            right = self.target(context + path[1:])
-            tree.add(parent, (right + self.rng.randrange(1, self.vocab)) % self.vocab)
-        return tree
-
-
 @pytest.fixture(scope="module")
 def quantized_llama(tiny_models):
     """(mode, stages) -> (whole quantized model, [stage models of that split]), each quantized once."""
@@ -239,7 +219,7 @@ def test_quantized_target_speculation_is_exactly_greedy(quantized_llama, mode, s
             n = rng.randint(1, 10)
             ref = Engine(StageRunner.for_tokens(whole, 512, 4)).generate_all(prompt, SamplingParams(max_tokens=n))
             if kind == "wrong":
-                drafter = AlwaysWrongDrafter(rng, 128, oracle)
+                drafter = RandomTreeDrafter(rng, 128, oracle, wrong=True)
             else:
                 drafter = RandomTreeDrafter(rng, 128, oracle if p_right else None, p_right)
             rest = [StageRunner.for_tokens(p, 1024, 4) for p in parts[1:]]

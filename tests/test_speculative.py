@@ -14,16 +14,23 @@ from dllm.spec.tree import DraftTree, greedy_accept
 
 
 class RandomTreeDrafter:
-    """Random tree shapes; each node is right (oracle) with probability p_right, else random."""
+    """Random tree shapes; each node is right (oracle) with probability p_right, else random.
+    ``wrong=True``: at least one node, and every node a token the oracle does not choose there."""
 
-    def __init__(self, rng, vocab, oracle=None, p_right=0.0, max_nodes=12):
+    def __init__(self, rng, vocab, oracle=None, p_right=0.0, max_nodes=12, wrong=False):
         self.rng, self.vocab, self.oracle, self.p_right, self.max_nodes = rng, vocab, oracle, p_right, max_nodes
+        self.wrong = wrong
 
     def propose(self, seq_id, context, depth, width):
         tree = DraftTree.root(context[-1])
-        for _ in range(self.rng.randint(0, self.max_nodes)):
+        for _ in range(self.rng.randint(1 if self.wrong else 0, self.max_nodes)):
             parent = self.rng.randrange(len(tree))
             if tree.depths()[parent] >= depth:
+                continue
+            if self.wrong:
+                path = [tree.tokens[i] for i in tree.path(parent)]
+                right = self.oracle(context + path[1:])
+                tree.add(parent, (right + self.rng.randrange(1, self.vocab)) % self.vocab)
                 continue
             tok = self.rng.randrange(self.vocab)
             if self.oracle is not None and self.rng.random() < self.p_right:
