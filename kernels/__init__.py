@@ -11,7 +11,7 @@ from .swiglu import swiglu, swiglu_ref
 from .tree_attention import pack_masks, tree_attention, tree_attention_ref
 from .utils import HAS_TRITON, interpret_mode, triton_available
 from .w4a16_matmul import (
-    W4Packed, dequantize_w4_ref, quantize_w4, unpack_w4_ref, w4a16_matmul, w4a16_matmul_ref,
+    W4Packed, dequantize_w4_ref, new_locks, quantize_w4, unpack_w4_ref, w4a16_matmul, w4a16_matmul_ref,
 )
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "paged_decode_attention", "paged_decode_attention_ref",
     "tree_attention", "tree_attention_ref", "pack_masks",
     "W4Packed", "quantize_w4", "unpack_w4_ref", "dequantize_w4_ref", "w4a16_matmul", "w4a16_matmul_ref",
+    "new_locks",
 ]

@@ -1,32 +1,47 @@
-"""W4A16: group-wise asymmetric int4 weights x fp16/bf16 activations.
+"""W4A16: group-wise asymmetric int4 weights x fp16/bf16 (or fp32) activations.
 
 Quantisation (per output row, per group of `group` = 128 input columns):
   scale = (max - min) / 15, zero = round(-min / scale) in [0, 15],
   q = clamp(round(w / scale) + zero, 0, 15),   w ~ (q - zero) * scale.
 
-Layout (W4Packed), chosen for the kernel's [BLOCK_K, BLOCK_N] weight tile:
-  qweight [in // 8, out] int32: nibble i (bits 4i..4i+3) of qweight[r, n] is q[n, 8r + i].
-          Packing along K keeps each row of the tile contiguous along N (coalesced
-          16-byte loads, and scales/zeros share that N order), and unpacking 8 nibbles
-          along K yields the [K, N] operand that tl.dot wants with no transpose.
+Layout (W4Packed), chosen for the kernels' [group / 8, BLOCK_N] weight tile:
+  qweight [in // 8, out] int32. Group g of a column spans int32 rows g*G8 .. g*G8 + G8 - 1
+          (G8 = group / 8); nibble i (bits 4i..4i+3) of row g*G8 + r holds q[n, g*group +
+          i*G8 + r]. So the 8 nibbles of one word are 8 k's G8 apart, and "nibble i of every
+          row of the tile" is the contiguous slice k = g*group + i*G8 + [0, G8): the kernels
+          read x in contiguous pieces and never reshape the weight tile. Each row of the tile is
+          contiguous along N (coalesced 16-byte loads; scales/zeros share that N order).
   scales  [in // group, out] fp16/bf16 (the weight's dtype; fp32 weights keep fp32)
   zeros   [in // group, out] uint8, integer zero points 0..15
+  locks   optional int32 counters, one per output tile (see split-K below)
 Bytes per weight: 0.5 + 2/128 + 1/128 = 0.52, i.e. 3.8x less than bf16.
 
-Kernels (`w4a16_matmul`, x [M, in] -> [M, out]); BLOCK_K = group, so every K step
-reads one row of scales/zeros. Dequant avoids the int->float convert: (q | 0x4B000000)
-reinterpreted as fp32 is exactly 2^23 + q, so (that - (2^23 + zero)) * scale is exact in
-fp32 and rounds once to the activation dtype, bit-identical to dequantize_w4_ref.
-  M == 1   `_w4_gemv_kernel`: CUDA-core FMAs, no padding of M to tl.dot's 16 rows and no
-           dot-operand shuffle. 46 us on 5120 -> 27648 (H100; cuBLAS bf16: 104 us).
-  M >= 2   `_w4a16_kernel`: tl.dot with BLOCK_M = 16 up to M = 16, one M tile up to
-           M = 64, so the weight is streamed once whatever M is: 72 us at M = 4 and 74 us
-           at M = 16 (flat), 102 us at M = 64.
-Both split K when out/BLOCK_N tiles cannot fill the SMs (out = 5120 gives 40 tiles for
-132 SMs); partial sums go to an fp32 [split, M, out] buffer that a second kernel adds in
-a fixed order (deterministic, unlike atomics).
-Known gap: ~1.5 TB/s at M = 1 and ~1 TB/s at M = 4..16 vs 3 TB/s of HBM: dequant costs
-~5 ALU ops per weight, so these kernels are issue-bound, not memory-bound (see README).
+Dequantisation is moved out of the inner loop: per group and column
+  sum_k x_k (q_k - z) s = s * (sum_k x_k (128 + q_k) - (128 + z) * sum_k x_k),
+and 128 + q costs one shift and one lop3 per weight: the nibble ORed into the mantissa of
+128.0 (fp32 bits 0x43000000, nibble at bits 16..19; bf16 0x4300 at bits 0..3, fp16 1024.0
+0x6400) is exactly 128 + q (1024 + q). No int->float convert, no per-weight subtract or
+scale; the cancellation against 128 * sum x costs ~4 of fp32's 24 bits. Results are not
+bit-identical to w4a16_matmul_ref (which rounds each weight to the activation dtype first):
+they are closer to the exact product.
+
+Kernels (`w4a16_matmul`, x [M, in] -> [M, out]):
+  M == 1   `_w4_gemv_kernel`: CUDA cores, fp32 FMAs on 128 + q, one cross-thread reduction at
+           the end. ~4.6 instructions a weight (was ~5.5 with a per-weight subtract and an
+           arithmetic shift + sign extend).
+  M >= 2   `_w4a16_kernel`: tensor cores. On CUDA with bf16/fp16 x, inline PTX turns one int32
+           into four bf16x2/f16x2 registers of 128 + q (3 shifts + 4 lop3 for 8 weights),
+           and the tile is 8 dots of K = G8 (nibble i with x's slice i): no [K/8, 8, N] ->
+           [K, N] reshape, no fp32 round trip. Elsewhere (fp32 x, TRITON_INTERPRET) the same
+           kernel builds 128 + q with plain shifts.
+Both split K when out/BLOCK_N tiles cannot fill the SMs (out = 5120: 40-80 tiles for 132
+SMs). Partial sums go to an fp32 [split, M, out] buffer; with `locks` the last program of a
+tile to finish (atomic counter, acq_rel) adds the partials in split order and resets its
+counter: deterministic, and no second launch (~2.5 us saved per matmul). Without locks a
+second kernel does the same sum.
+H200, Qwen2.5-32B shapes (bench/w4_explore.py; the H100 figures are in the README):
+M = 1: 5120->55296 73 us (was 88), 27648->5120 42 us (was 49); M = 16: 99 us (was 148) and
+56 us (was 80). Load-only ceiling of the same tiles: ~45 and ~21 us.
 """
 
 from __future__ import annotations
@@ -35,7 +50,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .utils import cdiv, check_last_dim_contiguous, device_sms, dot, require_triton, tl, triton
+from .utils import (
+    _INTERPRET_UPCAST, HAS_TRITON, cdiv, check_last_dim_contiguous, device_sms, interpret_mode, require_triton, tl,
+    triton,
+)
 
 
 @dataclass
@@ -45,6 +63,7 @@ class W4Packed:
     zeros: torch.Tensor    # [in // group, out] uint8, 0..15
     shape: tuple[int, int]  # (out, in) of the original weight
     group: int = 128
+    locks: torch.Tensor | None = None  # [>= tiles] int32 zeros: split-K done-counters (new_locks)
 
     @property
     def out_features(self) -> int:
@@ -56,7 +75,15 @@ class W4Packed:
 
     def to(self, device) -> "W4Packed":
         return W4Packed(self.qweight.to(device), self.scales.to(device), self.zeros.to(device),
-                        self.shape, self.group)
+                        self.shape, self.group, new_locks(self.shape[0], device))
+
+
+def new_locks(n_out: int, device) -> torch.Tensor:
+    """Zeroed split-K counters for a weight with n_out columns: one per (M tile, N tile) up
+    to 4 M tiles of the narrowest N tile (larger launches never split K). Each program that
+    finishes a tile's last split resets its counter, so they stay zero between calls and
+    across CUDA-graph replays. One weight's matmuls must not run concurrently on two streams."""
+    return torch.zeros(4 * cdiv(n_out, 32), dtype=torch.int32, device=device)
 
 
 def quantize_w4(w: torch.Tensor, group: int = 128) -> W4Packed:
@@ -76,20 +103,22 @@ def quantize_w4(w: torch.Tensor, group: int = 128) -> W4Packed:
     s = scale.float()
     zero = (-lo / s).round().clamp(0, 15)
     q = ((wg / s[..., None]).round() + zero[..., None]).clamp(0, 15).to(torch.int64)  # [out, in/g, g]
-    q = q.reshape(n_out, n_in).t().reshape(n_in // 8, 8, n_out)  # [in/8, 8, out]
-    shifts = (torch.arange(8, device=w.device, dtype=torch.int64) * 4)[None, :, None]
-    packed = (q << shifts).sum(1)  # < 2^32
+    # k = g*group + i*G8 + r  ->  word row g*G8 + r, nibble i
+    q = q.reshape(n_out, n_in // group, 8, group // 8).permute(1, 3, 2, 0)  # [in/g, G8, 8, out]
+    shifts = (torch.arange(8, device=w.device, dtype=torch.int64) * 4)[None, None, :, None]
+    packed = (q << shifts).sum(2).reshape(n_in // 8, n_out)  # < 2^32
     packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
     return W4Packed(packed.contiguous(), scale.t().contiguous(), zero.to(torch.uint8).t().contiguous(),
-                    (n_out, n_in), group)
+                    (n_out, n_in), group, new_locks(n_out, w.device))
 
 
 def unpack_w4_ref(p: W4Packed) -> torch.Tensor:
     """qweight -> integer codes q [out, in] (int64, 0..15)."""
-    qw = p.qweight.to(torch.int64) & 0xFFFFFFFF
-    shifts = (torch.arange(8, device=qw.device, dtype=torch.int64) * 4)[None, :, None]
-    q = (qw[:, None, :] >> shifts) & 0xF  # [in/8, 8, out]
-    return q.reshape(p.in_features, p.out_features).t()
+    g8 = p.group // 8
+    qw = (p.qweight.to(torch.int64) & 0xFFFFFFFF).reshape(p.in_features // p.group, g8, 1, p.out_features)
+    shifts = (torch.arange(8, device=qw.device, dtype=torch.int64) * 4)[None, None, :, None]
+    q = (qw >> shifts) & 0xF  # [in/g, G8 (r), 8 (i), out]
+    return q.permute(0, 2, 1, 3).reshape(p.in_features, p.out_features).t()
 
 
 def dequantize_w4_ref(p: W4Packed, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -106,74 +135,201 @@ def w4a16_matmul_ref(x: torch.Tensor, p: W4Packed) -> torch.Tensor:
     return (x.float() @ w.float().t()).to(x.dtype)
 
 
+# One int32 -> 8 half-precision values 128 + q (bf16) / 1024 + q (fp16), in nibble order
+# [0, 4, 1, 5, 2, 6, 3, 7]: lop3 (a & b) | c (LUT 0xEA) drops nibbles j and j + 4 into the low
+# mantissa bits of both halves of a x2 register. The mov splits are register renames.
+_DQ_ASM = """
+{
+.reg .b32 t0, t1, t2, t3;
+lop3.b32 t0, $8, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t1, $8, 4;
+lop3.b32 t1, t1, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t2, $8, 8;
+lop3.b32 t2, t2, 0x000F000F, MAGIC, 0xEA;
+shr.u32 t3, $8, 12;
+lop3.b32 t3, t3, 0x000F000F, MAGIC, 0xEA;
+mov.b32 {$0, $1}, t0;
+mov.b32 {$2, $3}, t1;
+mov.b32 {$4, $5}, t2;
+mov.b32 {$6, $7}, t3;
+}
+"""
+if HAS_TRITON:
+    _DQ_BF16 = tl.constexpr(_DQ_ASM.replace("MAGIC", "0x43004300"))  # bf16 128.0
+    _DQ_FP16 = tl.constexpr(_DQ_ASM.replace("MAGIC", "0x64006400"))  # fp16 1024.0
+
+# DQ modes of _w4a16_kernel
+DQ_PLAIN, DQ_BF16, DQ_FP16 = 0, 1, 2
+
+
+@triton.jit
+def _dq8_asm(packed, DQ: tl.constexpr):
+    if DQ == 1:
+        return tl.inline_asm_elementwise(_DQ_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [packed],
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_DQ_FP16, "=h,=h,=h,=h,=h,=h,=h,=h,r", [packed],
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _nibble_plus(packed, i: tl.constexpr, dtype: tl.constexpr):
+    """128 + nibble i of each int32 as `dtype` (exact in fp16/bf16/fp32), plain Triton."""
+    return (((packed >> (4 * i)) & 0xF).to(tl.float32) + 128.0).to(dtype)
+
+
+@triton.jit
+def _nibble_minus(packed, i: tl.constexpr, z_off):
+    """q - z in fp32 (z_off = 128 + z per column): exact."""
+    return ((packed >> (4 * i)) & 0xF).to(tl.float32) + 128.0 - z_off[None, :]
+
+
+@triton.jit
+def _splitk_finish(acc, part_ptr, out_ptr, lock_ptr, offs, mask, pid_k, stride_ps, tile,
+                   SPLIT_K: tl.constexpr, USE_LOCKS: tl.constexpr):
+    """Store one program's fp32 partial tile; with SPLIT_K == 1 straight to out. With locks,
+    the last of a tile's SPLIT_K programs sums the partials in split order (deterministic)."""
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + pid_k * stride_ps + offs, acc, mask=mask)
+        if USE_LOCKS:
+            # acq_rel: our partial is visible before the count, and the last program sees all
+            done = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")
+            if done == SPLIT_K - 1:
+                tot = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                for i in range(1, SPLIT_K):
+                    tot += tl.load(part_ptr + i * stride_ps + offs, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs, tot.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(lock_ptr + tile, 0)
+
+
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
-    M, N, stride_xm, stride_qk, stride_sk, stride_zk, stride_os, stride_om,
+    x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, out_ptr, lock_ptr,
+    M, N, stride_xm, stride_qk, stride_sk, stride_zk, stride_ps, stride_om,
     k_steps_per_split, k_steps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, USE_LOCKS: tl.constexpr, DQ: tl.constexpr, EXACT: tl.constexpr,
 ):
     # grid (cdiv(N, BLOCK_N), split_k, cdiv(M, BLOCK_M)); BLOCK_K == group size.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
+    G8: tl.constexpr = BLOCK_K // 8
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = rm < M, rn < N
-    rkp = tl.arange(0, BLOCK_K // 8)
-    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    rkp = tl.arange(0, G8)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rkp[None, :]
     q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
-    shifts = tl.arange(0, 8) * 4
+    xdt = x_ptr.dtype.element_ty
+    wdt = tl.float32 if _INTERPRET_UPCAST else xdt  # the interpreter's bf16 dot is broken
+    off = 1024.0 if DQ == 2 else 128.0  # the fp16 asm's magic is 1024.0; plain Triton adds 128
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     kb0 = pid_k * k_steps_per_split
     kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
     for kb in range(kb0, kb1):
-        # [K/8, N] int32, each row contiguous along N; one row of scales/zeros per step
-        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
-        x = tl.load(x_ptrs + kb * BLOCK_K, mask=m_mask[:, None], other=0.0)
+        packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0)
         s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 8388608.0
-        # [K/8, 8, N] -> [K, N]: row 8 kp + i is nibble i of int32 row kp (= k, in order).
-        # On H100 this reshape beat re-loading each int32 row 8 times (72 vs 118 us at M=16).
-        q = (packed[:, None, :] >> shifts[None, :, None]) & 0xF
-        q = tl.reshape(q | 0x4B000000, (BLOCK_K, BLOCK_N))  # bits of 2^23 + q as fp32
-        w = (q.to(tl.float32, bitcast=True) - z[None, :]) * s[None, :]  # (q - zero) * scale, exact
-        acc += dot(x, w.to(x.dtype))
-    o_ptrs = out_ptr + pid_k * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + off
+        if EXACT:  # fp32 x: exact q - z weights (see the gemv)
+            w0 = _nibble_minus(packed, 0, z)
+            w1 = _nibble_minus(packed, 1, z)
+            w2 = _nibble_minus(packed, 2, z)
+            w3 = _nibble_minus(packed, 3, z)
+            w4 = _nibble_minus(packed, 4, z)
+            w5 = _nibble_minus(packed, 5, z)
+            w6 = _nibble_minus(packed, 6, z)
+            w7 = _nibble_minus(packed, 7, z)
+        elif DQ == 0:
+            w0 = _nibble_plus(packed, 0, wdt)
+            w1 = _nibble_plus(packed, 1, wdt)
+            w2 = _nibble_plus(packed, 2, wdt)
+            w3 = _nibble_plus(packed, 3, wdt)
+            w4 = _nibble_plus(packed, 4, wdt)
+            w5 = _nibble_plus(packed, 5, wdt)
+            w6 = _nibble_plus(packed, 6, wdt)
+            w7 = _nibble_plus(packed, 7, wdt)
+        else:
+            w0, w4, w1, w5, w2, w6, w3, w7 = _dq8_asm(packed, DQ)
+        # x slice i (contiguous G8 columns) pairs with nibble i of every word row
+        xb = x_ptrs + kb * BLOCK_K
+        x0 = tl.load(xb + 0 * G8, mask=m_mask[:, None], other=0.0).to(wdt)
+        x1 = tl.load(xb + 1 * G8, mask=m_mask[:, None], other=0.0).to(wdt)
+        x2 = tl.load(xb + 2 * G8, mask=m_mask[:, None], other=0.0).to(wdt)
+        x3 = tl.load(xb + 3 * G8, mask=m_mask[:, None], other=0.0).to(wdt)
+        x4 = tl.load(xb + 4 * G8, mask=m_mask[:, None], other=0.0).to(wdt)
+        x5 = tl.load(xb + 5 * G8, mask=m_mask[:, None], other=0.0).to(wdt)
+        x6 = tl.load(xb + 6 * G8, mask=m_mask[:, None], other=0.0).to(wdt)
+        x7 = tl.load(xb + 7 * G8, mask=m_mask[:, None], other=0.0).to(wdt)
+        g = tl.dot(x0, w0, input_precision="ieee")
+        g = tl.dot(x1, w1, g, input_precision="ieee")
+        g = tl.dot(x2, w2, g, input_precision="ieee")
+        g = tl.dot(x3, w3, g, input_precision="ieee")
+        g = tl.dot(x4, w4, g, input_precision="ieee")
+        g = tl.dot(x5, w5, g, input_precision="ieee")
+        g = tl.dot(x6, w6, g, input_precision="ieee")
+        g = tl.dot(x7, w7, g, input_precision="ieee")
+        if EXACT:
+            acc += g * s[None, :]
+        else:
+            xs = (x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32)
+                  + x4.to(tl.float32) + x5.to(tl.float32) + x6.to(tl.float32) + x7.to(tl.float32))
+            acc += (g - tl.sum(xs, axis=1)[:, None] * z[None, :]) * s[None, :]
+    offs = rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tile = pid_m * tl.num_programs(0) + pid_n
+    _splitk_finish(acc, part_ptr, out_ptr, lock_ptr, offs, m_mask[:, None] & n_mask[None, :], pid_k, stride_ps,
+                   tile, SPLIT_K, USE_LOCKS)
 
 
 @triton.jit
 def _w4_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
-    N, stride_qk, stride_sk, stride_zk, stride_os,
+    x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, out_ptr, lock_ptr,
+    N, stride_qk, stride_sk, stride_zk, stride_ps,
     k_steps_per_split, k_steps,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_LOCKS: tl.constexpr,
+    EXACT: tl.constexpr,
 ):
-    # M == 1 on CUDA cores: no [16, K] padding for tl.dot and no dot-operand layout
-    # shuffle. acc2 [K/8, N] collects FMAs; one cross-thread reduction at the very end.
+    # M == 1 on CUDA cores: no [16, K] padding for tl.dot and no dot-operand layout shuffle.
+    # acc2 [G8, N] collects FMAs; one cross-thread reduction at the very end.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    G8: tl.constexpr = BLOCK_K // 8
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    rkp = tl.arange(0, BLOCK_K // 8)
+    rkp = tl.arange(0, G8)
     q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
-    acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
     kb0 = pid_k * k_steps_per_split
     kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
     for kb in range(kb0, kb1):
-        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
+        # uint32: logical shifts (an int32 >> compiles to a shift plus a sign extend)
+        packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
         s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 8388608.0
-        part = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
+        part = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([G8], dtype=tl.float32)
         for i in tl.static_range(8):
-            # nibble i of row kp is k = 8 kp + i: gather x in that order instead of reshaping
-            xi = tl.load(x_ptr + kb * BLOCK_K + rkp * 8 + i).to(tl.float32)
-            q = ((packed >> (4 * i)) & 0xF) | 0x4B000000
-            part += xi[:, None] * (q.to(tl.float32, bitcast=True) - z[None, :])
-        acc2 += part * s[None, :]
+            xi = tl.load(x_ptr + kb * BLOCK_K + i * G8 + rkp).to(tl.float32)
+            xs += xi
+            # nibble i -> bits 16..19, the low mantissa bits of 128.0f: exactly 128 + q
+            if i < 4:
+                t = packed << (16 - 4 * i)
+            elif i == 4:
+                t = packed
+            else:
+                t = packed >> (4 * i - 16)
+            w = ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
+            if EXACT:  # fp32 x: q - z per weight (exact), no cancellation against 128 * sum x
+                w = w - z[None, :]
+            part += xi[:, None] * w
+        if EXACT:
+            acc2 += part * s[None, :]
+        else:
+            acc2 += (part - xs[:, None] * z[None, :]) * s[None, :]
     acc = tl.sum(acc2, axis=0)
-    tl.store(out_ptr + pid_k * stride_os + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    _splitk_finish(acc, part_ptr, out_ptr, lock_ptr, rn, n_mask, pid_k, stride_ps, pid_n, SPLIT_K, USE_LOCKS)
 
 
 @triton.jit
@@ -187,19 +343,28 @@ def _splitk_reduce_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Tuned on H100 at Qwen2.5-32B shapes (bench/bench_kernels.py): BLOCK_N 128, 4 warps, 3 stages
-# and ~4 programs per SM (waves) beat 64/256-wide tiles, 8 warps and 2 waves by 10-30%.
-# gemv: M == 1 takes the CUDA-core kernel (47 vs 71 us on 5120 -> 27648).
-DEFAULT_CONFIG = dict(block_n=128, num_warps=4, num_stages=3, waves=4, gemv=True)
+# Tuned on H200 at Qwen2.5-32B shapes (bench/w4_explore.py, one knob at a time):
+#   gemv, out >= 4 in (gate_up 5120->55296): 128-wide tiles, 8 warps, ~8 programs per SM
+#   gemv, in >= 4 out (down 27648->5120):     128-wide tiles, 8 warps, ~4 programs per SM
+#   gemv, otherwise (qkv, o):                 64-wide tiles, 4 warps, ~8 programs per SM
+#   dot (M >= 2):                             128-wide tiles, 4 warps, 3 stages, ~8 per SM
+DEFAULT_CONFIG = dict(num_stages=3, gemv=True, locks=True)
 
 
-def _plan(M: int, N: int, k_steps: int, sms: int, cfg: dict) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, split_k) for x [M, K] @ W[N, K].T."""
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
-    block_n = cfg["block_n"]
+def _plan(M: int, N: int, K: int, k_steps: int, sms: int, cfg: dict) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, waves, split_k) for x [M, K] @ W[N, K].T."""
+    if M == 1 and cfg["gemv"]:
+        block_m = 1
+        block_n, warps, waves = (128, 8, 8) if N >= 4 * K else (128, 8, 4) if K >= 4 * N else (64, 4, 8)
+    else:
+        block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+        block_n, warps, waves = 128, 4, 8
+    block_n = cfg.get("block_n", block_n)
+    warps = cfg.get("num_warps", warps)
+    waves = cfg.get("waves", waves)
     tiles = cdiv(N, block_n) * cdiv(M, block_m)
-    split_k = max(1, min(k_steps, cdiv(cfg["waves"] * sms, tiles)))
-    return block_m, block_n, split_k
+    split_k = max(1, min(k_steps, cdiv(waves * sms, tiles)))
+    return block_m, block_n, warps, waves, split_k
 
 
 def w4a16_matmul(x: torch.Tensor, p: W4Packed, split_k: int | None = None, config: dict | None = None) -> torch.Tensor:
@@ -214,28 +379,32 @@ def w4a16_matmul(x: torch.Tensor, p: W4Packed, split_k: int | None = None, confi
     if M == 0:
         return out
     k_steps = p.in_features // p.group
-    block_m, block_n, plan_split = _plan(M, N, k_steps, device_sms(x), cfg)
+    block_m, block_n, warps, _, plan_split = _plan(M, N, p.in_features, k_steps, device_sms(x), cfg)
     split_k = max(1, min(k_steps, split_k or plan_split))
     per_split = cdiv(k_steps, split_k)
     split_k = cdiv(k_steps, per_split)
-    dst = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     grid = (cdiv(N, block_n), split_k, cdiv(M, block_m))
-    if cfg["gemv"] and M == 1:
+    use_locks = bool(cfg["locks"] and split_k > 1 and p.locks is not None
+                     and p.locks.numel() >= grid[0] * grid[2])
+    part = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+    locks = p.locks if use_locks else part  # unused pointer when not use_locks
+    stride_ps = part.stride(0) if split_k > 1 else 0
+    common = dict(BLOCK_N=block_n, BLOCK_K=p.group, SPLIT_K=split_k, USE_LOCKS=use_locks,
+                  EXACT=x.dtype == torch.float32,
+                  num_warps=warps, num_stages=cfg["num_stages"])
+    if block_m == 1:
         _w4_gemv_kernel[grid[:2]](
-            x, p.qweight, p.scales, p.zeros, dst,
-            N, p.qweight.stride(0), p.scales.stride(0), p.zeros.stride(0),
-            dst.stride(0) if split_k > 1 else 0, per_split, k_steps,
-            BLOCK_N=block_n, BLOCK_K=p.group, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+            x, p.qweight, p.scales, p.zeros, part, out, locks,
+            N, p.qweight.stride(0), p.scales.stride(0), p.zeros.stride(0), stride_ps,
+            per_split, k_steps, **common)
     else:
+        asm_ok = x.is_cuda and not interpret_mode() and x.dtype in (torch.bfloat16, torch.float16)
+        dq = (DQ_BF16 if x.dtype == torch.bfloat16 else DQ_FP16) if asm_ok and cfg.get("asm", True) else DQ_PLAIN
         _w4a16_kernel[grid](
-            x, p.qweight, p.scales, p.zeros, dst,
-            M, N, x.stride(0), p.qweight.stride(0), p.scales.stride(0), p.zeros.stride(0),
-            dst.stride(0) if split_k > 1 else 0, dst.stride(-2),
-            per_split, k_steps,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=p.group, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-    if split_k > 1:
+            x, p.qweight, p.scales, p.zeros, part, out, locks,
+            M, N, x.stride(0), p.qweight.stride(0), p.scales.stride(0), p.zeros.stride(0), stride_ps, out.stride(0),
+            per_split, k_steps, BLOCK_M=block_m, DQ=dq, **common)
+    if split_k > 1 and not use_locks:
         block = 1024
-        _splitk_reduce_kernel[(cdiv(M * N, block),)](dst, out, M * N, SPLIT_K=split_k, BLOCK=block, num_warps=4)
+        _splitk_reduce_kernel[(cdiv(M * N, block),)](part, out, M * N, SPLIT_K=split_k, BLOCK=block, num_warps=4)
     return out

@@ -2,7 +2,7 @@
 
 `Int4Weight` replaces a dense [out, in] weight in Attention/MLP (see StageModel.quantize).
 Its buffers are the layout kernels/w4a16_matmul.py reads (qweight [in/8, out] int32, scales
-[in/g, out], zeros [in/g, out] uint8): 0.52 bytes a weight instead of 2, which is what a
+[in/g, out], zeros [in/g, out] uint8, and the kernel's split-K counters): 0.52 bytes a weight instead of 2, which is what a
 memory-bound decode step streams. On CUDA the Triton W4A16 kernel runs; elsewhere (or with
 kernels off) the torch reference dequantizes and multiplies, so CPU results equal a dense
 model whose weights were replaced by their dequantized values.
@@ -27,6 +27,8 @@ class Int4Weight(nn.Module):
         self.register_buffer("qweight", packed.qweight)
         self.register_buffer("scales", packed.scales)
         self.register_buffer("zeros", packed.zeros)
+        # split-K done-counters of the kernel (zeros; not part of the checkpoint)
+        self.register_buffer("locks", kernels.new_locks(packed.shape[0], packed.qweight.device), persistent=False)
         self.shape = packed.shape
         self.group = packed.group
         self.use_kernels = use_kernels
@@ -37,7 +39,7 @@ class Int4Weight(nn.Module):
 
     @property
     def packed(self) -> kernels.W4Packed:
-        return kernels.W4Packed(self.qweight, self.scales, self.zeros, self.shape, self.group)
+        return kernels.W4Packed(self.qweight, self.scales, self.zeros, self.shape, self.group, self.locks)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense [out, in] (what the reference path multiplies by)."""

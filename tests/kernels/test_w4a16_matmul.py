@@ -21,17 +21,18 @@ def test_quantize_rejects_ragged_in_features():
 
 
 def test_packing_layout_by_hand():
-    # qweight[r, n] nibble i == code of w[n, 8r + i]; check with Python ints, no torch shifts
-    w = _weight(3, 128, torch.float16)
+    # k = 128 g + 16 i + r  ->  nibble i of qweight[16 g + r, n]; Python ints, no torch shifts
+    w = _weight(3, 256, torch.float16)
     p = quantize_w4(w)
-    assert p.qweight.shape == (16, 3) and p.qweight.dtype == torch.int32
-    assert p.scales.shape == (1, 3) and p.zeros.shape == (1, 3) and p.zeros.dtype == torch.uint8
+    assert p.qweight.shape == (32, 3) and p.qweight.dtype == torch.int32
+    assert p.scales.shape == (2, 3) and p.zeros.shape == (2, 3) and p.zeros.dtype == torch.uint8
     codes = unpack_w4_ref(p)
     for n in range(3):
-        s, z = float(p.scales[0, n]), int(p.zeros[0, n])
-        for k in range(128):
-            word = int(p.qweight[k // 8, n]) & 0xFFFFFFFF
-            nib = (word >> (4 * (k % 8))) & 0xF
+        for k in range(256):
+            g, i, r = k // 128, (k % 128) // 16, k % 16
+            s, z = float(p.scales[g, n]), int(p.zeros[g, n])
+            word = int(p.qweight[16 * g + r, n]) & 0xFFFFFFFF
+            nib = (word >> (4 * i)) & 0xF
             assert nib == int(codes[n, k])
             assert nib == max(0, min(15, round(float(w[n, k]) / s) + z))
             assert float(dequantize_w4_ref(p, torch.float32)[n, k]) == (nib - z) * s
@@ -68,6 +69,9 @@ def test_w4a16_matches_ref(M, dtype):
     ref = w4a16_matmul_ref(x, p)
     for split_k in (None, 1, 2):
         assert_close(w4a16_matmul(x, p, split_k=split_k), ref)
+    # split-K reduced by a second kernel instead of the last program of each tile
+    assert_close(w4a16_matmul(x, p, split_k=3, config={"locks": False}), ref)
+    assert int(p.locks.abs().sum()) == 0, "every tile's last program must reset its counter"
     if M == 1:  # M == 1 normally takes the CUDA-core GEMV kernel; check the tl.dot path too
         assert_close(w4a16_matmul(x, p, config={"gemv": False}), ref)
 

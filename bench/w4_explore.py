@@ -1,0 +1,700 @@
+"""Exploration (device only): where does the W4A16 matmul lose bandwidth?
+
+Times variants of the int4 kernels at Qwen2.5-32B shapes, each call on its own copy of the
+weight (copies rotate so the working set is several times the L2), N calls captured in one
+CUDA graph. Prints GB/s of weight bytes and writes $OUT/w4_explore.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import importlib  # noqa: E402
+
+W = importlib.import_module("kernels.w4a16_matmul")  # the package re-exports a function of that name
+from kernels.utils import cdiv  # noqa: E402
+
+
+# ---------------------------------------------------------------- variants
+@triton.jit
+def _load_only(qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_qk, stride_sk, stride_zk, stride_os,
+               k_steps_per_split, k_steps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rkp = tl.arange(0, BLOCK_K // 8)
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.int32)
+    accf = tl.zeros([BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32)
+        acc ^= packed
+        accf += s + z
+    r = tl.sum(acc, axis=0).to(tl.float32) + accf
+    tl.store(out_ptr + pid_k * stride_os + rn, r, mask=n_mask)
+
+
+@triton.jit
+def _gemv_fact(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_qk, stride_sk, stride_zk, stride_os,
+               k_steps_per_split, k_steps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # nibble -> bits 19..22 of 1.0f: float = 1 + q/16 (shift + lop3), zero point factored out:
+    # sum_k x (q - z) s = s * (16 * (sum_k x (1 + q/16) - sum_k x) - z * sum_k x)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rkp = tl.arange(0, BLOCK_K // 8)
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32)
+        part = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([BLOCK_K // 8], dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + kb * BLOCK_K + rkp * 8 + i).to(tl.float32)
+            xs += xi
+            if i <= 4:
+                t = packed << (19 - 4 * i)
+            else:
+                t = packed >> (4 * i - 19)
+            w = ((t & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            part += xi[:, None] * w
+        acc2 += (part - xs[:, None]) * (16.0 * s)[None, :] - xs[:, None] * (s * z)[None, :]
+    acc = tl.sum(acc2, axis=0)
+    tl.store(out_ptr + pid_k * stride_os + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# one int32 of 8 nibbles -> 8 bf16 weights (q - z) * s, two per bf16x2 op (lop3 puts nibbles
+# j and j+4 in the low bits of each half of 0x4300 = 128.0: exactly 128 + q). Outputs are
+# nibbles [0, 4, 1, 5, 2, 6, 3, 7]. (w - (128+z)) via fma(w, 1, -(128+z)) is exact; * s
+# via fma(d, s, -0) rounds once: bit-identical to rounding fp32 (q - z) * s to bf16.
+_DQ_BF16 = tl.constexpr("""
+{
+.reg .b32 t0, t1, t2, t3, nz, ss, one, mz;
+mov.b32 nz, {$9, $9};
+mov.b32 ss, {$10, $10};
+xor.b32 nz, nz, 0x80008000;
+mov.b32 one, 0x3F803F80;
+mov.b32 mz, 0x80008000;
+lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t1, $8, 4;
+lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t2, $8, 8;
+lop3.b32 t2, t2, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t3, $8, 12;
+lop3.b32 t3, t3, 0x000F000F, 0x43004300, 0xEA;
+fma.rn.bf16x2 t0, t0, one, nz;
+fma.rn.bf16x2 t1, t1, one, nz;
+fma.rn.bf16x2 t2, t2, one, nz;
+fma.rn.bf16x2 t3, t3, one, nz;
+fma.rn.bf16x2 t0, t0, ss, mz;
+fma.rn.bf16x2 t1, t1, ss, mz;
+fma.rn.bf16x2 t2, t2, ss, mz;
+fma.rn.bf16x2 t3, t3, ss, mz;
+mov.b32 {$0, $1}, t0;
+mov.b32 {$2, $3}, t1;
+mov.b32 {$4, $5}, t2;
+mov.b32 {$6, $7}, t3;
+}
+""")
+
+
+@triton.jit
+def _dq8(packed, zz, s):
+    return tl.inline_asm_elementwise(_DQ_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [packed, zz, s],
+                                     dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot_asm(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_qk, stride_sk, stride_zk,
+             stride_os, stride_om, k_steps_per_split, k_steps,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    rkp = tl.arange(0, BLOCK_K // 8)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rkp[None, :] * 8
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0)
+        zz = (z.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        zz2, _ = tl.broadcast(zz[None, :], packed)
+        s2, _ = tl.broadcast(s[None, :], packed)
+        w0, w4, w1, w5, w2, w6, w3, w7 = _dq8(packed, zz2, s2)
+        xb = x_ptrs + kb * BLOCK_K
+        acc = tl.dot(tl.load(xb + 0, mask=m_mask[:, None], other=0.0), w0, acc)
+        acc = tl.dot(tl.load(xb + 1, mask=m_mask[:, None], other=0.0), w1, acc)
+        acc = tl.dot(tl.load(xb + 2, mask=m_mask[:, None], other=0.0), w2, acc)
+        acc = tl.dot(tl.load(xb + 3, mask=m_mask[:, None], other=0.0), w3, acc)
+        acc = tl.dot(tl.load(xb + 4, mask=m_mask[:, None], other=0.0), w4, acc)
+        acc = tl.dot(tl.load(xb + 5, mask=m_mask[:, None], other=0.0), w5, acc)
+        acc = tl.dot(tl.load(xb + 6, mask=m_mask[:, None], other=0.0), w6, acc)
+        acc = tl.dot(tl.load(xb + 7, mask=m_mask[:, None], other=0.0), w7, acc)
+    o_ptrs = out_ptr + pid_k * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _dot_split8(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_qk, stride_sk, stride_zk,
+                stride_os, stride_om, k_steps_per_split, k_steps,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # pure Triton, no [K/8, 8, N] -> [K, N] reshape: 8 dots of K/8 each, x gathered per nibble
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    rkp = tl.arange(0, BLOCK_K // 8)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rkp[None, :] * 8
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+        xb = x_ptrs + kb * BLOCK_K
+        for i in tl.static_range(8):
+            q = ((packed >> (4 * i)) & 0xF) | 0x4B000000
+            w = (q.to(tl.float32, bitcast=True) - z[None, :]) * s[None, :]
+            xi = tl.load(xb + i, mask=m_mask[:, None], other=0.0)
+            acc = tl.dot(xi, w.to(xi.dtype), acc)
+    o_ptrs = out_ptr + pid_k * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gemv_asm(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_qk, stride_sk, stride_zk, stride_os,
+              k_steps_per_split, k_steps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rkp = tl.arange(0, BLOCK_K // 8)
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0)
+        zz = (z.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+        zz2, _ = tl.broadcast(zz[None, :], packed)
+        s2, _ = tl.broadcast(s[None, :], packed)
+        w0, w4, w1, w5, w2, w6, w3, w7 = _dq8(packed, zz2, s2)
+        xb = x_ptr + kb * BLOCK_K + rkp * 8
+        acc2 += tl.load(xb + 0).to(tl.float32)[:, None] * w0.to(tl.float32)
+        acc2 += tl.load(xb + 1).to(tl.float32)[:, None] * w1.to(tl.float32)
+        acc2 += tl.load(xb + 2).to(tl.float32)[:, None] * w2.to(tl.float32)
+        acc2 += tl.load(xb + 3).to(tl.float32)[:, None] * w3.to(tl.float32)
+        acc2 += tl.load(xb + 4).to(tl.float32)[:, None] * w4.to(tl.float32)
+        acc2 += tl.load(xb + 5).to(tl.float32)[:, None] * w5.to(tl.float32)
+        acc2 += tl.load(xb + 6).to(tl.float32)[:, None] * w6.to(tl.float32)
+        acc2 += tl.load(xb + 7).to(tl.float32)[:, None] * w7.to(tl.float32)
+    acc = tl.sum(acc2, axis=0)
+    tl.store(out_ptr + pid_k * stride_os + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_kint(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_qk, stride_sk, stride_zk, stride_os,
+               k_steps_per_split, k_steps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # layout variant: nibble i of int32 row r of a group is k = i * (K/8) + r, so each x_i
+    # is one contiguous [K/8] load
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rkp = tl.arange(0, BLOCK_K // 8)
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+        part = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + kb * BLOCK_K + i * (BLOCK_K // 8) + rkp).to(tl.float32)
+            q = ((packed >> (4 * i)) & 0xF) | 0x4B000000
+            part += xi[:, None] * (q.to(tl.float32, bitcast=True) - z[None, :])
+        acc2 += part * s[None, :]
+    acc = tl.sum(acc2, axis=0)
+    tl.store(out_ptr + pid_k * stride_os + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_fused(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, out_ptr, lock_ptr, N, stride_qk, stride_sk, stride_zk,
+                stride_os, k_steps_per_split, k_steps, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+    # current gemv + split-K reduction by the last program of each N tile (fixed order: deterministic)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    rkp = tl.arange(0, BLOCK_K // 8)
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc2 = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 8388608.0
+        part = tl.zeros([BLOCK_K // 8, BLOCK_N], dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + kb * BLOCK_K + rkp * 8 + i).to(tl.float32)
+            q = ((packed >> (4 * i)) & 0xF) | 0x4B000000
+            part += xi[:, None] * (q.to(tl.float32, bitcast=True) - z[None, :])
+        acc2 += part * s[None, :]
+    acc = tl.sum(acc2, axis=0)
+    if SPLIT_K == 1:
+        tl.store(out_ptr + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(part_ptr + pid_k * stride_os + rn, acc, mask=n_mask)
+        done = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLIT_K - 1:
+            tot = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for i in range(SPLIT_K):
+                tot += tl.load(part_ptr + i * stride_os + rn, mask=n_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + rn, tot.to(out_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
+
+
+_LOCKS = {}
+
+
+# one int32 -> 8 bf16 values 128 + q (nibbles [0, 4, 1, 5, 2, 6, 3, 7]): 3 shifts + 4 lop3, the
+# zero point and scale are applied to the dot's output instead (per group, per column)
+_DQ_INT = tl.constexpr("""
+{
+.reg .b32 t0, t1, t2, t3;
+lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t1, $8, 4;
+lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t2, $8, 8;
+lop3.b32 t2, t2, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t3, $8, 12;
+lop3.b32 t3, t3, 0x000F000F, 0x43004300, 0xEA;
+mov.b32 {$0, $1}, t0;
+mov.b32 {$2, $3}, t1;
+mov.b32 {$4, $5}, t2;
+mov.b32 {$6, $7}, t3;
+}
+""")
+
+
+@triton.jit
+def _dq8i(packed):
+    return tl.inline_asm_elementwise(_DQ_INT, "=h,=h,=h,=h,=h,=h,=h,=h,r", [packed],
+                                     dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot_int(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_qk, stride_sk, stride_zk,
+             stride_os, stride_om, k_steps_per_split, k_steps,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # sum_k x (q - z) s = s * (dot(x, 128 + q) - (128 + z) * sum_k x), per group
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    rkp = tl.arange(0, BLOCK_K // 8)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rkp[None, :] * 8
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (BLOCK_K // 8) * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
+        w0, w4, w1, w5, w2, w6, w3, w7 = _dq8i(packed)
+        xb = x_ptrs + kb * BLOCK_K
+        x0 = tl.load(xb + 0, mask=m_mask[:, None], other=0.0)
+        x1 = tl.load(xb + 1, mask=m_mask[:, None], other=0.0)
+        x2 = tl.load(xb + 2, mask=m_mask[:, None], other=0.0)
+        x3 = tl.load(xb + 3, mask=m_mask[:, None], other=0.0)
+        x4 = tl.load(xb + 4, mask=m_mask[:, None], other=0.0)
+        x5 = tl.load(xb + 5, mask=m_mask[:, None], other=0.0)
+        x6 = tl.load(xb + 6, mask=m_mask[:, None], other=0.0)
+        x7 = tl.load(xb + 7, mask=m_mask[:, None], other=0.0)
+        g = tl.dot(x0, w0)
+        g = tl.dot(x1, w1, g)
+        g = tl.dot(x2, w2, g)
+        g = tl.dot(x3, w3, g)
+        g = tl.dot(x4, w4, g)
+        g = tl.dot(x5, w5, g)
+        g = tl.dot(x6, w6, g)
+        g = tl.dot(x7, w7, g)
+        xs = (x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32)
+              + x4.to(tl.float32) + x5.to(tl.float32) + x6.to(tl.float32) + x7.to(tl.float32))
+        xsum = tl.sum(xs, axis=1)
+        acc += (g - xsum[:, None] * z[None, :]) * s[None, :]
+    o_ptrs = out_ptr + pid_k * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# kint layout: nibble i of int32 row r of a group is k = i * (group / 8) + r. Outputs are
+# nibbles [0, 4, 1, 5, 2, 6, 3, 7] as bf16 values q - 8 (CENTER) or 128 + q.
+_DQ_C = tl.constexpr("""
+{
+.reg .b32 t0, t1, t2, t3, c;
+mov.b32 c, 0xC308C308;
+lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t1, $8, 4;
+lop3.b32 t1, t1, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t2, $8, 8;
+lop3.b32 t2, t2, 0x000F000F, 0x43004300, 0xEA;
+shr.u32 t3, $8, 12;
+lop3.b32 t3, t3, 0x000F000F, 0x43004300, 0xEA;
+add.rn.bf16x2 t0, t0, c;
+add.rn.bf16x2 t1, t1, c;
+add.rn.bf16x2 t2, t2, c;
+add.rn.bf16x2 t3, t3, c;
+mov.b32 {$0, $1}, t0;
+mov.b32 {$2, $3}, t1;
+mov.b32 {$4, $5}, t2;
+mov.b32 {$6, $7}, t3;
+}
+""")
+
+
+@triton.jit
+def _dq8c(packed):
+    return tl.inline_asm_elementwise(_DQ_C, "=h,=h,=h,=h,=h,=h,=h,=h,r", [packed],
+                                     dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot_k(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_qk, stride_sk, stride_zk,
+           stride_os, stride_om, k_steps_per_split, k_steps,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CENTER: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    G8: tl.constexpr = BLOCK_K // 8
+    rkp = tl.arange(0, G8)
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rkp[None, :]
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        if CENTER:
+            z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) - 8.0
+            w0, w4, w1, w5, w2, w6, w3, w7 = _dq8c(packed)
+        else:
+            z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
+            w0, w4, w1, w5, w2, w6, w3, w7 = _dq8i(packed)
+        xb = x_ptrs + kb * BLOCK_K
+        x0 = tl.load(xb + 0 * G8, mask=m_mask[:, None], other=0.0)
+        x1 = tl.load(xb + 1 * G8, mask=m_mask[:, None], other=0.0)
+        x2 = tl.load(xb + 2 * G8, mask=m_mask[:, None], other=0.0)
+        x3 = tl.load(xb + 3 * G8, mask=m_mask[:, None], other=0.0)
+        x4 = tl.load(xb + 4 * G8, mask=m_mask[:, None], other=0.0)
+        x5 = tl.load(xb + 5 * G8, mask=m_mask[:, None], other=0.0)
+        x6 = tl.load(xb + 6 * G8, mask=m_mask[:, None], other=0.0)
+        x7 = tl.load(xb + 7 * G8, mask=m_mask[:, None], other=0.0)
+        g = tl.dot(x0, w0)
+        g = tl.dot(x1, w1, g)
+        g = tl.dot(x2, w2, g)
+        g = tl.dot(x3, w3, g)
+        g = tl.dot(x4, w4, g)
+        g = tl.dot(x5, w5, g)
+        g = tl.dot(x6, w6, g)
+        g = tl.dot(x7, w7, g)
+        xs = (x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32)
+              + x4.to(tl.float32) + x5.to(tl.float32) + x6.to(tl.float32) + x7.to(tl.float32))
+        xsum = tl.sum(xs, axis=1)
+        acc += (g - xsum[:, None] * z[None, :]) * s[None, :]
+    o_ptrs = out_ptr + pid_k * stride_os + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _gemv_k(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_qk, stride_sk, stride_zk, stride_os,
+            k_steps_per_split, k_steps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # kint layout, lop3 dequant to 128 + q, fp32 FMA, zero and scale once per group and row
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    G8: tl.constexpr = BLOCK_K // 8
+    rkp = tl.arange(0, G8)
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc2 = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
+        w0, w4, w1, w5, w2, w6, w3, w7 = _dq8i(packed)
+        xb = x_ptr + kb * BLOCK_K + rkp
+        x0 = tl.load(xb + 0 * G8).to(tl.float32)
+        x1 = tl.load(xb + 1 * G8).to(tl.float32)
+        x2 = tl.load(xb + 2 * G8).to(tl.float32)
+        x3 = tl.load(xb + 3 * G8).to(tl.float32)
+        x4 = tl.load(xb + 4 * G8).to(tl.float32)
+        x5 = tl.load(xb + 5 * G8).to(tl.float32)
+        x6 = tl.load(xb + 6 * G8).to(tl.float32)
+        x7 = tl.load(xb + 7 * G8).to(tl.float32)
+        part = x0[:, None] * w0.to(tl.float32)
+        part += x1[:, None] * w1.to(tl.float32)
+        part += x2[:, None] * w2.to(tl.float32)
+        part += x3[:, None] * w3.to(tl.float32)
+        part += x4[:, None] * w4.to(tl.float32)
+        part += x5[:, None] * w5.to(tl.float32)
+        part += x6[:, None] * w6.to(tl.float32)
+        part += x7[:, None] * w7.to(tl.float32)
+        xs = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+        acc2 += (part - xs[:, None] * z[None, :]) * s[None, :]
+    acc = tl.sum(acc2, axis=0)
+    tl.store(out_ptr + pid_k * stride_os + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _gemv_f(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_qk, stride_sk, stride_zk, stride_os,
+            k_steps_per_split, k_steps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # kint layout; each nibble moved to bits 16..19 of 128.0f (shift + lop3): fp32 128 + q exactly;
+    # sum_k x (q - z) s = s * (sum_k x (128 + q) - (128 + z) sum_k x), per group
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    G8: tl.constexpr = BLOCK_K // 8
+    rkp = tl.arange(0, G8)
+    q_ptrs = qw_ptr + rkp[:, None] * stride_qk + rn[None, :]
+    acc2 = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
+        part = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([G8], dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + kb * BLOCK_K + i * G8 + rkp).to(tl.float32)
+            xs += xi
+            if i < 4:
+                t = packed << (16 - 4 * i)
+            elif i == 4:
+                t = packed
+            else:
+                t = packed >> (4 * i - 16)
+            w = ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
+            part += xi[:, None] * w
+        acc2 += (part - xs[:, None] * z[None, :]) * s[None, :]
+    acc = tl.sum(acc2, axis=0)
+    tl.store(out_ptr + pid_k * stride_os + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+# ---------------------------------------------------------------- launchers
+def launch(kind, x, p, cfg):
+    M, N = x.shape[0], p.out_features
+    k_steps = p.in_features // p.group
+    sms = W.device_sms(x)
+    block_n = cfg["block_n"]
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    if kind in ("gemv", "gemv_fact", "load_only", "gemv_asm", "gemv_kint", "gemv_fused", "gemv_k", "gemv_f"):
+        block_m = 1
+    tiles = cdiv(N, block_n) * cdiv(M, block_m)
+    split = max(1, min(k_steps, cdiv(cfg["waves"] * sms, tiles)))
+    per = cdiv(k_steps, split)
+    split = cdiv(k_steps, per)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    dst = out if split == 1 else torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    kw = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    sos = dst.stride(0) if split > 1 else 0
+    if kind == "gemv":
+        W._w4_gemv_kernel[(cdiv(N, block_n), split)](x, p.qweight, p.scales, p.zeros, dst, N, p.qweight.stride(0),
+                                                     p.scales.stride(0), p.zeros.stride(0), sos, per, k_steps,
+                                                     BLOCK_N=block_n, BLOCK_K=p.group, **kw)
+    elif kind == "gemv_fact":
+        _gemv_fact[(cdiv(N, block_n), split)](x, p.qweight, p.scales, p.zeros, dst, N, p.qweight.stride(0),
+                                              p.scales.stride(0), p.zeros.stride(0), sos, per, k_steps,
+                                              BLOCK_N=block_n, BLOCK_K=p.group, **kw)
+    elif kind in ("gemv_asm", "gemv_kint", "gemv_k", "gemv_f"):
+        kern = {"gemv_asm": _gemv_asm, "gemv_kint": _gemv_kint, "gemv_k": _gemv_k, "gemv_f": _gemv_f}[kind]
+        kern[(cdiv(N, block_n), split)](x, p.qweight, p.scales, p.zeros, dst, N, p.qweight.stride(0),
+                                        p.scales.stride(0), p.zeros.stride(0), sos, per, k_steps,
+                                        BLOCK_N=block_n, BLOCK_K=p.group, **kw)
+    elif kind == "gemv_fused":
+        lock = _LOCKS.get(x.device)
+        if lock is None:
+            lock = _LOCKS[x.device] = torch.zeros(4096, dtype=torch.int32, device=x.device)
+        _gemv_fused[(cdiv(N, block_n), split)](x, p.qweight, p.scales, p.zeros, dst, out, lock, N,
+                                               p.qweight.stride(0), p.scales.stride(0), p.zeros.stride(0), sos,
+                                               per, k_steps, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=p.group, **kw)
+        return out
+    elif kind == "load_only":
+        _load_only[(cdiv(N, block_n), split)](p.qweight, p.scales, p.zeros, dst, N, p.qweight.stride(0),
+                                              p.scales.stride(0), p.zeros.stride(0), sos, per, k_steps,
+                                              BLOCK_N=block_n, BLOCK_K=p.group, **kw)
+        return None
+    elif kind in ("dot_k", "dot_kc"):
+        _dot_k[(cdiv(N, block_n), split, cdiv(M, block_m))](
+            x, p.qweight, p.scales, p.zeros, dst, M, N, x.stride(0), p.qweight.stride(0), p.scales.stride(0),
+            p.zeros.stride(0), sos, dst.stride(-2), per, k_steps,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=p.group, CENTER=kind == "dot_kc", **kw)
+    else:
+        kern = {"dot": W._w4a16_kernel, "dot_asm": _dot_asm, "dot_split8": _dot_split8, "dot_int": _dot_int}[kind]
+        kern[(cdiv(N, block_n), split, cdiv(M, block_m))](
+            x, p.qweight, p.scales, p.zeros, dst, M, N, x.stride(0), p.qweight.stride(0), p.scales.stride(0),
+            p.zeros.stride(0), sos, dst.stride(-2), per, k_steps,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=p.group, **kw)
+    if split > 1 and cfg.get("reduce", True):
+        W._splitk_reduce_kernel[(cdiv(M * N, 1024),)](dst, out, M * N, SPLIT_K=split, BLOCK=1024, num_warps=4)
+    return out
+
+
+def repack_kint(p):
+    """Same codes, packed so that nibble i of int32 row r of a group is k = i * (group/8) + r."""
+    q = W.unpack_w4_ref(p)  # [out, in]
+    n_out, n_in = q.shape
+    g8 = p.group // 8
+    q = q.reshape(n_out, n_in // p.group, 8, g8).permute(1, 3, 2, 0)  # [groups, r, i, out]
+    shifts = (torch.arange(8, device=q.device, dtype=torch.int64) * 4)[None, None, :, None]
+    packed = (q << shifts).sum(2).reshape(n_in // 8, n_out)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return W.W4Packed(packed.contiguous(), p.scales, p.zeros, p.shape, p.group)
+
+
+def graph_us(fn_list, reps=20):
+    """Mean us per call: the calls captured back to back in one graph, replayed `reps` times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for f in fn_list:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fn_list:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        g.replay()
+    e1.record()
+    torch.cuda.synchronize()
+    return e0.elapsed_time(e1) * 1000 / (reps * len(fn_list))
+
+
+def main():
+    out_dir = Path(os.environ.get("OUT", "/tmp"))
+    dev = "cuda"
+    torch.manual_seed(0)
+    rows = []
+    t_start = time.time()
+    budget = float(os.environ.get("EXPLORE_BUDGET_S", "330"))
+
+    # copy bandwidth
+    a = torch.empty(2**30 // 2, dtype=torch.bfloat16, device=dev)
+    b = torch.empty_like(a)
+    us = graph_us([lambda: b.copy_(a)] * 4, reps=10)
+    copy_gbs = 2 * a.numel() * 2 / us / 1e3
+    print(f"copy {copy_gbs:.0f} GB/s", flush=True)
+    del a, b
+    x_big = torch.randn(64, 27648, dtype=torch.bfloat16, device=dev)
+
+    shapes = [(5120, 55296), (5120, 7168), (5120, 5120), (27648, 5120)]
+    packs = {}
+    for (k, n) in shapes:
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
+        p = W.quantize_w4(w)
+        copies = max(2, int(400e6 // (n * k // 2)) + 1)
+        packs[(k, n)] = [p] + [W.W4Packed(p.qweight.clone(), p.scales.clone(), p.zeros.clone(), p.shape, p.group)
+                               for _ in range(copies - 1)]
+        del w
+
+    def check(kind, M, p, cfg):
+        x = x_big[:M, :p.in_features].contiguous()
+        ref = W.w4a16_matmul_ref(x, p).float()
+        got = launch(kind, x, p, cfg).float()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        return err
+
+    def measure(kind, M, shape, cfg):
+        ps = packs[shape]
+        x = x_big[:M, :shape[0]].contiguous()
+        fns = [(lambda p=p: launch(kind, x, p, cfg)) for p in ps]
+        us = graph_us(fns)
+        wbytes = ps[0].qweight.numel() * 4 + ps[0].scales.numel() * 2 + ps[0].zeros.numel()
+        return us, wbytes / us / 1e3
+
+    def record(kind, M, shape, cfg, err=None):
+        try:
+            us, gbs = measure(kind, M, shape, cfg)
+        except Exception as e:  # noqa: BLE001
+            print(f"FAIL {kind} M={M} {shape} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            rows.append(dict(kind=kind, M=M, shape=list(shape), cfg=cfg, error=str(e)[:300]))
+            return None
+        rows.append(dict(kind=kind, M=M, shape=list(shape), cfg=cfg, us=us, gbs=gbs, err=err))
+        print(f"{kind:10s} M={M:2d} {shape[0]:5d}->{shape[1]:5d} {cfg} {us:7.1f} us {gbs:6.0f} GB/s err={err}",
+              flush=True)
+        return us
+
+    base = dict(W.DEFAULT_CONFIG)
+    p0 = packs[(5120, 7168)][0]
+    pk0 = repack_kint(p0)
+    x = x_big[:1, :5120].contiguous()
+    ref = W.w4a16_matmul_ref(x, p0).float()
+    for kind in ("gemv_f", "gemv_k"):
+        got = launch(kind, x, pk0, base).float()
+        d = (got - ref).abs()
+        print(f"check {kind}: max {(d.max() / ref.abs().max()).item():.2e} mean {(d.mean() / ref.abs().mean()).item():.2e}")
+    for shape in shapes:
+        for kind in ("gemv_f", "gemv_k", "gemv_fused"):
+            for cfg in (base, dict(base, waves=8), dict(base, block_n=256), dict(base, num_warps=8),
+                        dict(base, num_warps=8, waves=8), dict(base, block_n=64, waves=8)):
+                record(kind, 1, shape, cfg)
+    (out_dir / "w4_explore.json").write_text(json.dumps(dict(copy_gbs=copy_gbs, gpu=torch.cuda.get_device_name(),
+                                                             triton=triton.__version__, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
