@@ -141,6 +141,7 @@ def build_random(cfg: ModelConfig, layers: range, embed: bool, head: bool, quant
             m.qweight.random_()
             m.zeros.random_(0, 16)
             m.scales.uniform_(0.002, 0.006)
+            m.locks.zero_()  # the kernel's split-K counters must start at zero
     return st.set_kernels(st.use_kernels)
 
 

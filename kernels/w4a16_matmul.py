@@ -29,6 +29,8 @@ Kernels (`w4a16_matmul`, x [M, in] -> [M, out]):
   M == 1   `_w4_gemv_kernel`: CUDA cores, fp32 FMAs on 128 + q, one cross-thread reduction at
            the end. ~4.6 instructions a weight (was ~5.5 with a per-weight subtract and an
            arithmetic shift + sign extend).
+           Groups below 128 (tiny test models: tl.dot needs K = group / 8 >= 16) run every
+           row through this kernel too, one grid row per x row.
   M >= 2   `_w4a16_kernel`: tensor cores. On CUDA with bf16/fp16 x, inline PTX turns one int32
            into four bf16x2/f16x2 registers of 128 + q (3 shifts + 4 lop3 for 8 weights),
            and the tile is 8 dots of K = G8 (nibble i with x's slice i): no [K/8, 8, N] ->
@@ -286,15 +288,17 @@ def _w4a16_kernel(
 @triton.jit
 def _w4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, out_ptr, lock_ptr,
-    N, stride_qk, stride_sk, stride_zk, stride_ps,
+    N, stride_xm, stride_qk, stride_sk, stride_zk, stride_ps, stride_om,
     k_steps_per_split, k_steps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_LOCKS: tl.constexpr,
     EXACT: tl.constexpr,
 ):
-    # M == 1 on CUDA cores: no [16, K] padding for tl.dot and no dot-operand layout shuffle.
-    # acc2 [G8, N] collects FMAs; one cross-thread reduction at the very end.
+    # One row of x on CUDA cores (grid axis 2 = row): no [16, K] padding for tl.dot and no
+    # dot-operand layout shuffle. acc2 [G8, N] collects FMAs; one cross-thread reduction at the end.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    x_ptr += pid_m.to(tl.int64) * stride_xm
     G8: tl.constexpr = BLOCK_K // 8
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
@@ -329,7 +333,8 @@ def _w4_gemv_kernel(
         else:
             acc2 += (part - xs[:, None] * z[None, :]) * s[None, :]
     acc = tl.sum(acc2, axis=0)
-    _splitk_finish(acc, part_ptr, out_ptr, lock_ptr, rn, n_mask, pid_k, stride_ps, pid_n, SPLIT_K, USE_LOCKS)
+    _splitk_finish(acc, part_ptr, out_ptr, lock_ptr, pid_m.to(tl.int64) * stride_om + rn, n_mask, pid_k, stride_ps,
+                   pid_m * tl.num_programs(0) + pid_n, SPLIT_K, USE_LOCKS)
 
 
 @triton.jit
@@ -353,7 +358,7 @@ DEFAULT_CONFIG = dict(num_stages=3, gemv=True, locks=True)
 
 def _plan(M: int, N: int, K: int, k_steps: int, sms: int, cfg: dict) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, waves, split_k) for x [M, K] @ W[N, K].T."""
-    if M == 1 and cfg["gemv"]:
+    if (M == 1 and cfg["gemv"]) or cfg["group"] < 128:  # tl.dot needs K = group / 8 >= 16
         block_m = 1
         block_n, warps, waves = (128, 8, 8) if N >= 4 * K else (128, 8, 4) if K >= 4 * N else (64, 4, 8)
     else:
@@ -379,7 +384,8 @@ def w4a16_matmul(x: torch.Tensor, p: W4Packed, split_k: int | None = None, confi
     if M == 0:
         return out
     k_steps = p.in_features // p.group
-    block_m, block_n, warps, _, plan_split = _plan(M, N, p.in_features, k_steps, device_sms(x), cfg)
+    block_m, block_n, warps, _, plan_split = _plan(M, N, p.in_features, k_steps, device_sms(x),
+                                                   {**cfg, "group": p.group})
     split_k = max(1, min(k_steps, split_k or plan_split))
     per_split = cdiv(k_steps, split_k)
     split_k = cdiv(k_steps, per_split)
@@ -392,10 +398,10 @@ def w4a16_matmul(x: torch.Tensor, p: W4Packed, split_k: int | None = None, confi
     common = dict(BLOCK_N=block_n, BLOCK_K=p.group, SPLIT_K=split_k, USE_LOCKS=use_locks,
                   EXACT=x.dtype == torch.float32,
                   num_warps=warps, num_stages=cfg["num_stages"])
-    if block_m == 1:
-        _w4_gemv_kernel[grid[:2]](
+    if block_m == 1:  # one program row per x row (M == 1, or groups too small for tl.dot)
+        _w4_gemv_kernel[grid](
             x, p.qweight, p.scales, p.zeros, part, out, locks,
-            N, p.qweight.stride(0), p.scales.stride(0), p.zeros.stride(0), stride_ps,
+            N, x.stride(0), p.qweight.stride(0), p.scales.stride(0), p.zeros.stride(0), stride_ps, out.stride(0),
             per_split, k_steps, **common)
     else:
         asm_ok = x.is_cuda and not interpret_mode() and x.dtype in (torch.bfloat16, torch.float16)

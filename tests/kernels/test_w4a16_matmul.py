@@ -77,6 +77,16 @@ def test_w4a16_matches_ref(M, dtype):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("M", [1, 5])
+def test_w4a16_small_groups(M):
+    # group 32: too small for tl.dot's K >= 16 on GPU, so every row takes the GEMV kernel
+    p = quantize_w4(_weight(40, 96, torch.bfloat16), group=32).to(DEVICE)
+    x = torch.randn(M, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
+    assert_close(w4a16_matmul(x, p), w4a16_matmul_ref(x, p))
+    assert_close(w4a16_matmul(x, p, split_k=3), w4a16_matmul_ref(x, p))
+
+
+@pytest.mark.triton
 def test_w4a16_strided_x_and_bad_shape():
     p = quantize_w4(_weight(64, 256, torch.float16)).to(DEVICE)
     x = torch.randn(4, 512, device=DEVICE).to(torch.float16)[:, :256]  # row stride 512
