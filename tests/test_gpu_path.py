@@ -30,7 +30,7 @@ import kernels  # noqa: E402
 from dllm.batch import SeqChunk  # noqa: E402
 from dllm.engine import Engine  # noqa: E402
 from dllm.model.cuda_graph import GraphRunner  # noqa: E402
-from dllm.model.quant import InputMajorWeight, Int4Weight  # noqa: E402
+from dllm.model.quant import Int4Weight, PackedWeight  # noqa: E402
 from dllm.model.runner import StageRunner  # noqa: E402
 from dllm.model.stage import StageModel  # noqa: E402
 from dllm.sampling import SamplingParams  # noqa: E402
@@ -134,8 +134,9 @@ def test_int4_equals_model_with_dequantized_weights(tiny_models, arch, request):
                 sub = dense.get_submodule(name)
             except AttributeError:
                 sub = None
-            if isinstance(sub, InputMajorWeight):  # CPU layout: the dense model keeps it [in, out]
-                sub.wt.copy_(value.t())
+            if isinstance(sub, PackedWeight):  # CPU layout: the dense model keeps it packed for oneDNN
+                parent, _, attr = name.rpartition(".")
+                setattr(dense.get_submodule(parent) if parent else dense, attr, PackedWeight(value))
             elif name == "lm_head" and dense.lm_head is None:
                 # a tied head is quantized on its own; the dense twin gets that head, untied
                 dense.lm_head = torch.nn.Parameter(value, requires_grad=False)

@@ -67,27 +67,46 @@ def quantize_rows(w: torch.Tensor, group: int = 128, rows: int = ROWS_PER_PASS) 
                             torch.cat([p.zeros for p in parts], 1), tuple(w.shape), group)
 
 
-class InputMajorWeight(nn.Module):
-    """A dense weight stored transposed, [in, out], multiplied as ``x @ wt``.
+class PackedWeight(nn.Module):
+    """A dense fp32 [out, in] weight packed once into oneDNN's blocked layout (CPU), applied by
+    oneDNN's inner product instead of torch's matmul (MKL).
 
-    On CPU, MKL's matmul at a few rows streams a tall [out, in] weight (out >> in) at about
-    half the memory bandwidth it reaches when the same weight is laid out [in, out]: measured
-    on this project's 2-core EPYC at batch 1, 11 vs 23 GB/s for a 49152x576 head and 15 vs 24 GB/s
-    for a 17920x1536 gate_up, while a wide weight (in >> out, the down projection) is slightly
-    faster as it was. So only tall weights are switched (StageModel.optimize_cpu_layout).
+    On this project's 2-core EPYC, MKL's sgemm at a few rows is far from the memory bound (8 rows
+    cost ~3x one row), so a batched decode step cost nearly what the separate steps did. The 30
+    layers + head of SmolLM2 (one thread, weights cycled through more than the L3), ms at
+    1 / 4 / 8 rows: MKL (tall weights input-major, as before this class) 41 / 110 / 132, packed
+    oneDNN 50 / 37 / 52. oneDNN's 1..3-row path is the slow one, and for inputs of 1536+ columns
+    it also rounds differently from the rest; so fewer than ``MIN_ROWS`` rows are padded to it:
+    one sequence's decode step costs about what MKL's GEMV did, and every row goes through the
+    same kernel whatever the batch, so its result is the same bits alone or batched (checked at
+    1..256 rows; tests/test_engine_batching.py).
     """
+
+    MIN_ROWS = 4
 
     def __init__(self, w: torch.Tensor):
         super().__init__()
-        self.wt = nn.Parameter(w.t().contiguous(), requires_grad=False)
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(w.detach().float().contiguous(), None))
         self.shape = (w.shape[0], w.shape[1])
 
+    @staticmethod
+    def available() -> bool:
+        return torch.backends.mkldnn.is_available()
+
+    def dense(self) -> torch.Tensor:
+        """The [out, in] fp32 weight."""
+        return self.packed.to_dense()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.wt
+        """x [N, in] fp32 -> [N, out]."""
+        n = x.shape[0]
+        if n < self.MIN_ROWS:
+            return self.forward(F.pad(x, (0, 0, 0, self.MIN_ROWS - n)))[:n]  # zero rows below x
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
 def linear(x: torch.Tensor, w: torch.Tensor | nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a dense weight, or any weight module (input-major, int4, int8) applied to x.
+    """F.linear for a dense weight, or any weight module (packed fp32, int4, int8) applied to x.
     Weight modules are applied through .forward: nn.Module.__call__'s hook handling costs ~2 us,
     paid 4 times a layer per step."""
     if isinstance(w, nn.Module):
