@@ -7,12 +7,20 @@ speed-up over HF greedy, same prompts). Then projects the product's regime (2 ×
 from the acceptance measured here and GPU step/verify times from bench/results/gpu-*.json.
 
     python -m bench.speculation [--new-tokens 48] [--rtts 0,20,50] [--quant int4]
+
+Every process computes with ``--threads`` (default 2, all this machine's cores): for one
+sequence the processes compute in turn, never at once. So waiters must not spin here: the
+network loop's busy polling (dllm.net.loop, for a node with cores of its own) would take a
+core from the process computing, and is turned off (DLLM_BUSY_POLL_MS=0) when the processes'
+threads outnumber the cores. The draft runs on the CPU fast path (int4 weights) whatever the
+target's precision, as `dllm run` drafts; a draft changes speed, never output.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import time
 from pathlib import Path
 
@@ -125,11 +133,14 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--rtts", default="0,20,50")
     ap.add_argument("--chain-depth", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads of every process")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--quant", default=None, choices=["int8", "int4"],
                     help="weight-only quantized target and draft (the CPU fast path); outputs must still match")
+    ap.add_argument("--draft-dtype", default="auto",
+                    help="precision of the draft model: auto drafts with the CPU fast path (int4) whatever the "
+                         "target's, as `dllm run` does; a draft only changes speed, never output")
     ap.add_argument("--reproject", action="store_true",
                     help="only recompute the 2 x L4 projection of the committed result from the newest GPU result")
     args = ap.parse_args()
@@ -137,13 +148,16 @@ def main() -> None:
         reproject(RESULTS / "speculation-cpu.json")
         return
     torch.set_num_threads(args.threads)
+    if 2 * args.threads > (os.cpu_count() or 1):  # see the module doc; stage processes inherit it
+        os.environ["DLLM_BUSY_POLL_MS"] = "0"
     target, draft = model_path(args.target), model_path(args.draft)
     check_draft_compatible(target, draft)
     tok = Tokenizer.from_dir(target)
     prompts = [tok.encode_chat(p["messages"]) for p in json.loads(PROMPTS.read_text())]
     n = ModelConfig.from_dir(target).num_layers
     cut = n // 2
-    drafter = ModelDrafter.from_pretrained(draft, dtype=args.dtype, quant=args.quant)
+    draft_quant = None if args.draft_dtype == "auto" else args.quant
+    drafter = ModelDrafter.from_pretrained(draft, dtype=args.draft_dtype, quant=draft_quant)
     rows = {}
     for rtt in [float(r) for r in args.rtts.split(",")]:
         with LocalCluster(target, [(cut, n)], emulate_rtt_ms=rtt, threads=args.threads, kv_tokens=2048,
@@ -171,7 +185,8 @@ def main() -> None:
                 "outputs_identical": True}
     payload = {"benchmark": "speculation-cpu", "target": args.target, "draft": args.draft, "stages": 2,
                "split": [[0, cut], [cut, n]], "new_tokens": args.new_tokens, "prompts": len(prompts),
-               "threads_per_process": args.threads, "per_rtt": rows}
+               "threads_per_process": args.threads, "busy_poll_ms": os.environ.get("DLLM_BUSY_POLL_MS", "default"),
+               "draft_dtype": args.draft_dtype, "per_rtt": rows}
     if not args.no_hf and args.quant is None:
         hf = hf_assisted(target, draft, prompts, args.new_tokens)
         payload["hf_rtt0"] = {"greedy_tok_s": round(hf["greedy"], 2), "assisted_tok_s": round(hf["assisted"], 2),

@@ -47,12 +47,13 @@ def _threads(n: int | None) -> None:
 
 def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None, local_stages=0,
                  emulate_rtt=0.0, identity_path=None, deadline=30.0, draft="none", tree="auto", kv_tokens=8192,
-                 threads=None, eos_ids=None, drafters=None, draft_deadline=0.05, quant=None):
+                 threads=None, eos_ids=None, drafters=None, draft_deadline=0.05, quant=None, draft_dtype="auto"):
     """Engine for `dllm run`: in-process stages, a remote chain (--peers), or local stage processes.
 
     ``dtype`` / ``quant`` are the --dtype / --quant flags, resolved once here
     (dllm.launch.resolve_precision) and given as such to every local stage process, so a local
-    chain computes what one process would; a --draft model resolves them against its own dir.
+    chain computes what one process would. A --draft model runs in ``draft_dtype`` (default auto:
+    the CPU fast path, int4 weights, whatever the target's precision): a draft changes speed only.
     Returns (engine, cleanup callable)."""
     from dllm.config import ModelConfig
     from dllm.launch import (
@@ -66,7 +67,7 @@ def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None
     cfg = ModelConfig.from_dir(model_dir)
     cleanups = []
     split_ranges = parse_split(split, cfg.num_layers) if split else None
-    spec_kw = _speculation(model_dir, draft, tree, dtype, drafters, draft_deadline, cfg.vocab_size, quant)
+    spec_kw = _speculation(model_dir, draft, tree, draft_dtype, drafters, draft_deadline, cfg.vocab_size)
     dtype, quant = resolve_precision(dtype, quant, model_dir=model_dir)
     if local_stages and local_stages > 1:
         from dllm.net.local_cluster import LocalCluster
@@ -103,8 +104,8 @@ def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None
     return engine, cleanup
 
 
-def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, draft_deadline=0.05,
-                 vocab_size=1 << 31, quant=None) -> dict:
+def _speculation(model_dir, draft: str, tree: str, draft_dtype: str = "auto", drafters=None, draft_deadline=0.05,
+                 vocab_size=1 << 31) -> dict:
     """Engine keyword arguments for --draft, --drafters and --tree."""
     if draft in (None, "", "none") and not drafters:
         return {}
@@ -120,7 +121,7 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, dr
 
         draft_dir = resolve_model(draft)
         check_draft_compatible(model_dir, draft_dir)
-        drafter = ModelDrafter.from_pretrained(draft_dir, dtype=dtype, quant=quant)
+        drafter = ModelDrafter.from_pretrained(draft_dir, dtype=draft_dtype)
     if drafters:
         from dllm.spec.remote import ForestDrafter
 
@@ -162,6 +163,8 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, dr
 @click.option("--deadline", default=30.0, show_default=True, type=float, help="Seconds before a stalled pass fails over.")
 @click.option("--draft", default=None,
               help="Draft model (dir or name), 'ngram' or 'none' (default: ngram when serving, none with --prompt).")
+@click.option("--draft-dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
+              help="Precision of the --draft model; auto drafts with int4 weights on CPU (a draft changes speed, never output).")
 @click.option("--tree", default="auto", show_default=True, help="Draft tree: auto, chain or WxD.")
 @click.option("--drafters", default=None, help="Comma-separated KEY@host:port remote drafter nodes.")
 @click.option("--draft-deadline", default=50.0, show_default=True, type=float,
@@ -182,7 +185,7 @@ def _speculation(model_dir, draft: str, tree: str, dtype: str, drafters=None, dr
               help="Keypair that co-signs stock x402 'exact' payments (without it only pay-then-attach is offered).")
 @click.option("--threads", default=None, type=int, help="CPU threads (default: torch's).")
 def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed, dtype, quant, stages, split, peers,
-        local_stages, identity_path, emulate_rtt, deadline, draft, tree, drafters, draft_deadline, serve_addr, rate,
+        local_stages, identity_path, emulate_rtt, deadline, draft, draft_dtype, tree, drafters, draft_deadline, serve_addr, rate,
         burst, kv_tokens, x402_on, x402_config, mint, treasury, price_usd, circ_usd, rpc, network, fee_payer_keypair,
         threads):
     """Run the model. With --prompt: answer and exit. Without: serve the OpenAI API and the chat page.
@@ -212,7 +215,7 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
     engine, cleanup = build_engine(model_dir, stages=stages, split=split, dtype=dtype, quant=quant,
                                    peers=peers.split(",") if peers else None, local_stages=local_stages,
                                    emulate_rtt=emulate_rtt, identity_path=identity_path, deadline=deadline,
-                                   draft=draft, tree=tree, threads=threads, kv_tokens=kv_tokens,
+                                   draft=draft, draft_dtype=draft_dtype, tree=tree, threads=threads, kv_tokens=kv_tokens,
                                    drafters=drafters.split(",") if drafters else None,
                                    draft_deadline=draft_deadline / 1000.0,
                                    eos_ids=sorted(tok.eos_token_ids | set(cfg.eos_token_ids)))

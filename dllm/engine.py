@@ -59,6 +59,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     commit: tuple[int, tuple[int, ...]] | None = None  # accepted tree nodes to compact on the next pass
     error: str | None = None  # why it ended, when finish_reason is "error" or "busy"
+    drafted: bool = False  # the drafter has proposed for it (its first proposal also prefills the draft's KV)
 
     @property
     def tokens(self) -> list[int]:
@@ -190,8 +191,9 @@ class Engine:
             return None
         t0 = time.perf_counter()
         tree = self.drafter.propose(s.seq_id, s.tokens, depth, width)
-        if self.planner is not None:
+        if self.planner is not None and s.drafted:  # a first proposal's time is mostly the prompt's prefill
             self.planner.observe_draft(depth, time.perf_counter() - t0)
+        s.drafted = True
         return tree if len(tree) > 1 else None
 
     @torch.inference_mode()

@@ -248,3 +248,26 @@ def test_quantized_target_batched_trees_are_exactly_greedy(quantized_llama, mode
         eng.step()
     assert [s.output for s in seqs] == solo
     assert eng.stats.mean_accepted > 1.0  # the oracle half of the drafts did get accepted
+
+
+def test_run_drafts_on_the_fast_path_whatever_the_targets_precision():
+    """`dllm run --draft M` with an fp32 target drafts with int4 weights (--draft-dtype auto), and
+    the answer is still the fp32 target's own greedy one."""
+    from dllm.cli import build_engine
+
+    from .models import model_dir_or_skip
+
+    d = model_dir_or_skip("smollm2")
+    prompt = list(range(1000, 1016))
+    plain, done = build_engine(d, dtype="float32", kv_tokens=512)
+    try:
+        ref = plain.generate_all(prompt, SamplingParams(max_tokens=24))
+    finally:
+        done()
+    spec, done = build_engine(d, dtype="float32", kv_tokens=512, draft=str(d), tree="chain")
+    try:
+        assert spec.model.quant is None and spec.drafter.model.quant == "int4"
+        assert spec.generate_all(prompt, SamplingParams(max_tokens=24)) == ref
+        assert spec.stats.mean_accepted > 1.5  # the int4 self-draft is mostly right
+    finally:
+        done()

@@ -214,3 +214,35 @@ def test_planner_learns_acceptance_from_trees():
     for _ in range(30):
         p.observe(tree, [0])  # nothing accepted
     assert p.a1 < 0.05
+
+
+def test_planner_leaves_its_priors_within_a_few_passes():
+    """A request's first passes are planned from what they measure, not from the priors:
+    early observations are averaged (the prior weighs as a few of them), not EMA'd at 5%."""
+    from dllm.spec.planner import TreePlanner
+
+    p = TreePlanner(prior_a1=0.6, ema=0.05)
+    tree = DraftTree.chain(0, [1, 2, 3, 4])
+    for _ in range(3):
+        p.observe(tree, [0, 1, 2, 3, 4])  # 12 main-chain hits
+    assert p.a1 > 0.85, p.a1
+    for _ in range(3):
+        p.observe_draft(4, 4 * 0.030)
+    assert abs(p.draft_step - 0.030) < 0.01, p.draft_step
+
+
+def test_planner_measures_acceptance_per_depth():
+    """A drafter right at depth 1 and wrong at depth 2 is worth a depth-1 draft, not a deep one:
+    the overall rate (1/2) alone would predict a geometric tail."""
+    from dllm.spec.planner import TreePlanner
+
+    p = TreePlanner(prior_a1=0.5, ema=0.05)
+    tree = DraftTree.chain(0, [1, 2, 3, 4])
+    for _ in range(60):
+        p.observe(tree, [0, 1])  # depth 1 right, depth 2 wrong
+    assert p.level_acceptance(1) > 0.9 and p.level_acceptance(2) < 0.1
+    assert abs(p.expected_tokens(4, 1) - p.expected_tokens(1, 1)) < 0.15
+    p.observe_draft(4, 4 * 0.01)
+    for n in (2, 3, 5):
+        p.observe_verify(n, 0.05 + 0.001 * n)
+    assert p._best() == (1, 1), p._best()

@@ -9,11 +9,18 @@ and commits E(d, w) tokens in expectation. The planner maximises E / T. With acc
 for the main chain's next token and as for "a runner-up sibling is right when the main one
 is not", the expected committed tokens of a chain of depth d with (w - 1) side leaves per level:
 
-    E = 1 + sum_{k=1..d} a1^(k-1) * (a1 + (1 - a1) * as_w)
+    E = 1 + sum_{k=1..d} A_(k-1) * (a_k + (1 - a_k) * as_w),    A_k = a_1 * ... * a_k
 
-(1 for the bonus token; a side leaf ends the walk, so it adds one token and stops). Higher RTT
+(1 for the bonus token; a side leaf ends the walk, so it adds one token and stops), with a_k
+the main child's acceptance at depth k, measured per depth (it is not one constant: misses
+cluster) and shrunk toward the overall rate a1 where a depth has few observations. Higher RTT
 raises c0, which makes each pass dearer and favours deeper and wider trees; a poor drafter
 lowers a1 and the planner shrinks the tree toward a plain step.
+
+Running estimates move by ``max(ema, 1 / (observations + prior_weight))``: a plain average over
+the first passes (an acceptance prior counts as ``prior_weight`` observations; the draft-time prior
+is replaced by the first measurement), an exponential one after.
+A fixed small rate alone would plan a request's first few dozen passes from the priors.
 """
 from __future__ import annotations
 
@@ -50,10 +57,15 @@ class _LinearFit:
 class TreePlanner:
     def __init__(self, max_depth: int = 8, max_width: int = 4, max_nodes: int = 64,
                  prior_a1: float = 0.6, prior_as: float = 0.2, ema: float = 0.05,
-                 prior_verify: tuple[float, float] = (0.02, 0.001), prior_draft_step: float = 0.002):
+                 prior_verify: tuple[float, float] = (0.02, 0.001), prior_draft_step: float = 0.002,
+                 prior_weight: float = 4.0):
         self.max_depth, self.max_width, self.max_nodes = max_depth, max_width, max_nodes
         self.a1, self.a_side = prior_a1, prior_as
         self.ema = ema
+        self.prior_weight = prior_weight
+        self._seen = {"a1": 0, "side": 0, "draft": 0}  # observations so far, per estimate
+        # per depth k: decayed (hits, trials) of the main child at depth k given the walk got there
+        self._level = [[0.0, 0.0] for _ in range(max_depth)]
         self.verify_fit = _LinearFit()
         self.prior_verify = prior_verify
         self.draft_step = prior_draft_step
@@ -61,9 +73,16 @@ class TreePlanner:
         self._calls = 0
 
     # ---- observations ----------------------------------------------------------------------------
+    def _rate(self, name: str, prior_weight: float) -> float:
+        """Step size for the next observation of one estimate (0 when ema is 0: priors frozen)."""
+        if self.ema <= 0:
+            return 0.0
+        n = self._seen[name]
+        self._seen[name] = n + 1
+        return max(self.ema, 1.0 / (n + 1 + prior_weight))
+
     def observe(self, tree, accepted: list[int]) -> None:
         """Update acceptance rates from one verified tree (DraftTree, accepted node path)."""
-        e = self.ema
         for k in range(len(accepted)):
             node = accepted[k]
             kids = tree.children(node)
@@ -72,9 +91,13 @@ class TreePlanner:
             main = kids[0]
             nxt = accepted[k + 1] if k + 1 < len(accepted) else None
             hit_main = nxt == main
-            self.a1 += e * ((1.0 if hit_main else 0.0) - self.a1)
+            self.a1 += self._rate("a1", self.prior_weight) * ((1.0 if hit_main else 0.0) - self.a1)
+            if self.ema > 0 and k < len(self._level):
+                level = self._level[k]
+                level[0] = (1 - self.ema) * level[0] + hit_main
+                level[1] = (1 - self.ema) * level[1] + 1
             if not hit_main and len(kids) > 1:
-                self.a_side += e * ((1.0 if nxt is not None else 0.0) - self.a_side)
+                self.a_side += self._rate("side", self.prior_weight) * ((1.0 if nxt is not None else 0.0) - self.a_side)
         self._shape = self._best()
 
     def observe_verify(self, n_nodes: int, seconds: float) -> None:
@@ -84,12 +107,27 @@ class TreePlanner:
 
     def observe_draft(self, depth: int, seconds: float) -> None:
         if depth > 0:
-            self.draft_step += self.ema * (seconds / depth - self.draft_step)
+            # a time prior is a guess about the hardware: the first measurement replaces it
+            self.draft_step += self._rate("draft", 0.0) * (seconds / depth - self.draft_step)
 
     # ---- decision ---------------------------------------------------------------------------------
+    def level_acceptance(self, k: int) -> float:
+        """P(the main child at depth k is right | the walk reached depth k-1): measured per depth,
+        shrunk toward the overall rate a1 where a depth has few observations. Misses cluster (a
+        hard stretch of text defeats the draft at every depth), so deep levels are not a1^k."""
+        if k > len(self._level):
+            return self.a1
+        hits, trials = self._level[k - 1]
+        return (hits + self.prior_weight * self.a1) / (trials + self.prior_weight)
+
     def expected_tokens(self, depth: int, width: int) -> float:
         side = self.a_side if width > 1 else 0.0
-        return 1.0 + sum(self.a1 ** (k - 1) * (self.a1 + (1 - self.a1) * side) for k in range(1, depth + 1))
+        total, reach = 1.0, 1.0
+        for k in range(1, depth + 1):
+            a = self.level_acceptance(k)
+            total += reach * (a + (1 - a) * side)
+            reach *= a
+        return total
 
     def pass_time(self, depth: int, width: int) -> float:
         c0, c1 = self.verify_fit.coef(self.prior_verify)

@@ -1,0 +1,25 @@
+"""The engine thread's OpenMP team is the only one: starting an EngineWorker hands the
+constructing thread's idle team back (dllm/api/worker.py, release_openmp_threads)."""
+import os
+
+import pytest
+import torch
+
+from dllm.api.worker import release_openmp_threads
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through Linux /proc")
+def test_release_openmp_threads_ends_this_threads_idle_team():
+    if torch.get_num_threads() < 2:
+        pytest.skip("one intra-op thread: no OpenMP team to release")
+    torch.randn(512, 512) @ torch.randn(512, 512)  # a parallel region: this thread now has a team
+    before = os_threads()
+    if not release_openmp_threads():
+        pytest.skip("no loaded OpenMP runtime with omp_pause_resource_all")
+    assert os_threads() < before
+    torch.randn(512, 512) @ torch.randn(512, 512)  # and it comes back when needed
+    assert os_threads() == before
