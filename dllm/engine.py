@@ -228,8 +228,6 @@ class Engine:
         except StageFailure as e:
             self._failover(e)
             return []
-        if self.planner is not None and any(t is not None for t in trees):
-            self.planner.observe_verify(len(ids), time.perf_counter() - t0)
         # rows whose logits we need: every node of a tree; the last row of a finished prompt/decode
         rows, row, done = [], 0, []
         for (s, n), c, tree in zip(plan, chunks, trees):
@@ -255,6 +253,9 @@ class Engine:
         for s, tree, off in done:
             if tree is not None:
                 self._accept_tree(s, tree, logits[off:off + len(tree)])
+        if self.planner is not None and any(t is not None for t in trees):
+            # the whole pass but the draft: every stage, the round trip, the head over every node, the walk
+            self.planner.observe_verify(len(ids), time.perf_counter() - t0)
         return [s for s, _, _ in done]
 
     def _accept_tree(self, s: Sequence, tree: DraftTree, logits: torch.Tensor) -> None:

@@ -146,8 +146,12 @@ class TreePlanner:
 
     def shape(self) -> tuple[int, int]:
         """(depth, width) for the next pass. When drafting does not pay, still probe a depth-1
-        draft every 16th pass so a drafter that improves (new context, new topic) is noticed."""
+        draft every 16th pass so a drafter that improves (new context, new topic) is noticed; when
+        chains win, still probe side leaves every 16th pass, or the sibling rate stays the prior."""
         self._calls += 1
-        if self._shape[0] == 0 and self._calls % 16 == 0:
+        depth, width = self._shape
+        if depth == 0 and self._calls % 16 == 0:
             return (1, 1)
+        if depth > 0 and width == 1 and self.max_width > 1 and self._calls % 16 == 8:
+            return (depth, 2)
         return self._shape
