@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from bench.common import write_result
+from bench.runtime_cpu import weight_bytes_per_token
 
 DATA = Path(__file__).parent / "data"
 MODELS = ["smollm2", "qwen-coder-0.5b", "qwen-coder-1.5b"]
@@ -39,19 +40,6 @@ GREEDY_TOKENS = 64
 TARGETS = {"int8": 0.03, "int4": 0.08}  # relative perplexity increase over fp32
 SECONDS_NOTE = ("wall seconds of each step as this run went, on a machine it may share: a record, not a speed "
                 "benchmark (bench/runtime_cpu.py and bench/cpu_fast_path.py measure speed)")
-
-
-def weight_bytes_read_per_token(stage) -> int:
-    """Bytes of weights one decode step reads (parameters and buffers, so quantized modules'
-    codes/scales count): not the rotary table, and not the embedding when the head is its own
-    matrix (an input-major fp32 copy or a quantized copy of a tied embedding included)."""
-    separate_head = stage.embed_tokens is not None and stage.lm_head is not None
-    total = 0
-    for name, t in list(stage.named_parameters()) + list(stage.named_buffers()):
-        if name.startswith("rotary.") or (separate_head and name.startswith("embed_tokens.")):
-            continue
-        total += t.numel() * t.element_size()
-    return total
 
 
 def source_types(name: str) -> dict:
@@ -68,7 +56,6 @@ def source_types(name: str) -> dict:
 
 
 def bench_model(name: str, prompts: list[list[dict]]) -> dict:
-    from bench.runtime_cpu import weight_bytes_per_token
     from dllm.eval import greedy_agreement, perplexity
     from dllm.fetch import ensure_gguf, model_path
     from dllm.launch import local_engine
@@ -87,9 +74,7 @@ def bench_model(name: str, prompts: list[list[dict]]) -> dict:
                               kv_tokens=max(PPL_TOKENS, max(map(len, chats)) + GREEDY_TOKENS) + 64)
         t1 = time.perf_counter()
         stage = engine.model
-        row = {"weight_bytes_per_token": weight_bytes_read_per_token(stage)}
-        if mode == "fp32":  # the same count as the runtime benchmark's when there is nothing quantized
-            assert row["weight_bytes_per_token"] == weight_bytes_per_token(stage)
+        row = {"weight_bytes_per_token": weight_bytes_per_token(stage)}
         row["ppl"] = round(perplexity(stage, ids), 4)
         t2 = time.perf_counter()
         greedy = [engine.generate_all(c, SamplingParams(max_tokens=GREEDY_TOKENS, ignore_eos=True)) for c in chats]

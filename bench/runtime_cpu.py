@@ -25,11 +25,16 @@ def prompt_ids(tok, n: int) -> list[int]:
 
 
 def weight_bytes_per_token(stage) -> int:
-    """Bytes of weights one decode step reads: every layer, the final norm and the head matrix
-    (the embedding lookup reads one row; a tied head reads the embedding matrix once)."""
-    total = sum(p.numel() * p.element_size() for p in stage.parameters())
-    if stage.embed_tokens is not None and stage.lm_head is not None:
-        total -= stage.embed_tokens.weight.numel() * stage.embed_tokens.weight.element_size()
+    """Bytes of weights one decode step reads: parameters and buffers (packed or quantized
+    matmul weights are buffers: codes and scales count), not the rotary table, and not the
+    embedding when the head is its own matrix (the lookup reads one row; a copy of a tied
+    embedding made for the head counts as the head)."""
+    separate_head = stage.embed_tokens is not None and stage.lm_head is not None
+    total = 0
+    for name, t in list(stage.named_parameters()) + list(stage.named_buffers()):
+        if name.startswith("rotary.") or (separate_head and name.startswith("embed_tokens.")):
+            continue
+        total += t.numel() * t.element_size()
     return total
 
 
