@@ -696,5 +696,48 @@ def main():
                                                              triton=triton.__version__, rows=rows), indent=1))
 
 
+def dot_sweep():
+    """The production kernel (w4a16_matmul) at M = 4 / 16 / 64 over its launch configs, per
+    32B shape: the M >= 2 path had one fixed config. $OUT/w4_dot_sweep.json."""
+    import itertools
+
+    out_dir = Path(os.environ.get("OUT", "/tmp"))
+    dev = "cuda"
+    torch.manual_seed(0)
+    x_big = torch.randn(64, 27648, dtype=torch.bfloat16, device=dev)
+    rows = []
+    t0 = time.time()
+    budget = float(os.environ.get("EXPLORE_BUDGET_S", "300"))
+    for (k, n) in [(5120, 55296), (27648, 5120), (5120, 7168), (5120, 5120)]:
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
+        p = W.quantize_w4(w)
+        del w
+        copies = max(2, int(400e6 // (n * k // 2)) + 1)
+        ps = [p] + [W.W4Packed(p.qweight.clone(), p.scales.clone(), p.zeros.clone(), p.shape, p.group,
+                               W.new_locks(n, dev)) for _ in range(copies - 1)]
+        for M in (16,):
+            x = x_big[:M, :k].contiguous()
+            ref = W.w4a16_matmul_ref(x, p).float()
+            best = None
+            for bn, warps, waves, stages in itertools.product((64, 128, 256), (4, 8), (2, 4, 8), (3, 4)):
+                if time.time() - t0 > budget:
+                    break
+                cfg = dict(block_n=bn, num_warps=warps, waves=waves, num_stages=stages)
+                try:
+                    got = W.w4a16_matmul(x, p, config=cfg).float()
+                    err = ((got - ref).abs().max() / ref.abs().max()).item()
+                    us = graph_us([(lambda q=q: W.w4a16_matmul(x, q, config=cfg)) for q in ps], reps=10)
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(M=M, shape=[k, n], cfg=cfg, error=str(e)[:200]))
+                    continue
+                rows.append(dict(M=M, shape=[k, n], cfg=cfg, us=us, err=err))
+                if err < 2e-2 and (best is None or us < best[0]):
+                    best = (us, cfg)
+            default_us = graph_us([(lambda q=q: W.w4a16_matmul(x, q)) for q in ps], reps=10)
+            print(f"M={M:2d} {k:5d}->{n:5d} default {default_us:6.1f} us  best {best}", flush=True)
+            rows.append(dict(M=M, shape=[k, n], default_us=default_us, best=best))
+        (out_dir / "w4_dot_sweep.json").write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
+
+
 if __name__ == "__main__":
-    main()
+    dot_sweep() if sys.argv[1:] == ["dot-sweep"] else main()

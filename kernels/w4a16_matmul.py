@@ -361,8 +361,15 @@ def _plan(M: int, N: int, K: int, k_steps: int, sms: int, cfg: dict) -> tuple[in
     if (M == 1 and cfg["gemv"]) or cfg["group"] < 128:  # tl.dot needs K = group / 8 >= 16
         block_m = 1
         block_n, warps, waves = (128, 8, 8) if N >= 4 * K else (128, 8, 4) if K >= 4 * N else (64, 4, 8)
+    elif M <= 16:
+        # swept on an H200 at M = 16, Qwen2.5-32B shapes (bench/w4_explore.py dot-sweep): fewer
+        # split-K waves than the GEMV wants (the dot path does more work per weight), wide tiles
+        # for the wide gate_up; us gate_up / down / qkv / o 99.6 / 62.9 / 22.4 / 22.7 with
+        # (128, 4, 8) everywhere -> 90.3 / 57.4 / 20.7 / 16.0
+        block_m = 16
+        block_n, warps, waves = (256, 4, 2) if N >= 4 * K else (128, 8, 4) if K >= 4 * N else (128, 4, 2)
     else:
-        block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+        block_m = 32 if M <= 32 else 64
         block_n, warps, waves = 128, 4, 8
     block_n = cfg.get("block_n", block_n)
     warps = cfg.get("num_warps", warps)

@@ -77,6 +77,19 @@ def test_w4a16_matches_ref(M, dtype):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("M", [2, 16])
+@pytest.mark.parametrize("n_out,n_in", [(520, 128), (100, 512)])
+def test_w4a16_wide_and_tall_tiles(M, n_out, n_in):
+    # up to 16 rows, a wide matrix (out >= 4 in) takes 256-wide tiles and a tall one (in >= 4 out)
+    # 8 warps (kernels/w4a16_matmul.py _plan); partial last tiles both
+    p = quantize_w4(_weight(n_out, n_in, torch.bfloat16)).to(DEVICE)
+    x = torch.randn(M, n_in, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).to(DEVICE)
+    ref = w4a16_matmul_ref(x, p)
+    for split_k in (None, 1, 3):
+        assert_close(w4a16_matmul(x, p, split_k=split_k), ref)
+
+
+@pytest.mark.triton
 @pytest.mark.parametrize("M", [1, 5])
 def test_w4a16_small_groups(M):
     # group 32: too small for tl.dot's K >= 16 on GPU, so every row takes the GEMV kernel
