@@ -1,6 +1,7 @@
 """`dllm` command line. Each command is a thin shell over a module that does the work."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -72,6 +73,9 @@ def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None
     if local_stages and local_stages > 1:
         from dllm.net.local_cluster import LocalCluster
 
+        if threads is None:  # the processes share this machine: each gets its own cores, as on separate nodes
+            threads = local_stage_threads(local_stages)
+            _threads(threads)
         ranges = split_ranges or default_split(model_dir, cfg.num_layers, local_stages)
         if len(ranges) != local_stages:
             raise click.UsageError(f"--split has {len(ranges)} ranges but --local-stages is {local_stages}")
@@ -102,6 +106,17 @@ def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None
         for c in cleanups:
             c()
     return engine, cleanup
+
+
+def local_stage_threads(processes: int, cores: int | None = None) -> int:
+    """Intra-op threads for each of ``processes`` processes sharing this machine's cores
+    (--local-stages without --threads): a share each, at least one. Every process would
+    otherwise start a thread per core. On 2 cores, the default SmolLM2 demo (int4, 2 processes)
+    decodes one stream at ~26 tok/s with 2 threads each and ~38 with 1 (its small matmuls pay
+    more for the oversubscribed team than they gain from it); 8 streams together lose ~10%
+    (73 vs 81 tok/s, prefill included). --threads overrides."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, processes))
 
 
 def _speculation(model_dir, draft: str, tree: str, draft_dtype: str = "auto", drafters=None, draft_deadline=0.05,

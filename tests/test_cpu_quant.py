@@ -271,3 +271,4 @@ def test_run_drafts_on_the_fast_path_whatever_the_targets_precision():
         assert spec.stats.mean_accepted > 1.5  # the int4 self-draft is mostly right
     finally:
         done()
+

@@ -1,5 +1,6 @@
-"""The engine thread's OpenMP team is the only one: starting an EngineWorker hands the
-constructing thread's idle team back (dllm/api/worker.py, release_openmp_threads)."""
+"""CPU threads: the engine thread's OpenMP team is the only one (starting an EngineWorker hands
+the constructing thread's idle team back, dllm/api/worker.py release_openmp_threads), and
+local stage processes share the cores rather than each taking all of them."""
 import os
 
 import pytest
@@ -23,3 +24,13 @@ def test_release_openmp_threads_ends_this_threads_idle_team():
     assert os_threads() < before
     torch.randn(512, 512) @ torch.randn(512, 512)  # and it comes back when needed
     assert os_threads() == before
+
+
+def test_local_stages_share_the_cores():
+    """--local-stages without --threads: each process takes its share of the cores, at least one."""
+    from dllm.cli import local_stage_threads
+
+    assert local_stage_threads(2, cores=2) == 1
+    assert local_stage_threads(2, cores=16) == 8
+    assert local_stage_threads(3, cores=2) == 1
+    assert local_stage_threads(4, cores=16) == 4
