@@ -76,10 +76,13 @@ class PackedWeight(nn.Module):
     layers + head of SmolLM2 (one thread, weights cycled through more than the L3), ms at
     1 / 4 / 8 rows: MKL (tall weights input-major, as before this class) 41 / 110 / 132, packed
     oneDNN 50 / 37 / 52. oneDNN's 1..3-row path is the slow one, and for inputs of 1536+ columns
-    it also rounds differently from the rest; so fewer than ``MIN_ROWS`` rows are padded to it:
-    one sequence's decode step costs about what MKL's GEMV did, and every row goes through the
-    same kernel whatever the batch, so its result is the same bits alone or batched (checked at
-    1..256 rows; tests/test_engine_batching.py).
+    it also rounds differently from the rest; so fewer than ``MIN_ROWS`` rows are padded to it,
+    and every row goes through the same kernel whatever the batch, so its result is the same bits
+    alone or batched (checked at 1..256 rows; tests/test_engine_batching.py).
+
+    The padding is paid in arithmetic: end to end, one SmolLM2 sequence decodes ~15% slower than
+    with MKL input-major weights at one thread (17 vs 20 tok/s, same minutes, 2026-12-02), where
+    the 4 padded rows are compute one thread cannot hide, and faster at two (22-26 vs 21).
     """
 
     MIN_ROWS = 4

@@ -114,9 +114,10 @@ class StageRunner:
     def _kernel_meta(self, chunks: list[SeqChunk], placed: list[Placed]) -> AttentionMetadata:
         """Tensors for kernels/: block_tables [S, max_blocks] int32, context_lens [S] int32,
         cu_seqlens_q [S+1] int32, packed masks (only when a tree is in the batch)."""
-        device, bs = self.model.device, self.block_size
-        max_blocks = max(-(-p.end // bs) for p in placed)
-        tables = [p.table[:-(-p.end // bs)] + [0] * (max_blocks - -(-p.end // bs)) for p in placed]
+        device = self.model.device
+        n_blocks = [self.blocks.blocks_needed(p.end) for p in placed]
+        max_blocks = max(n_blocks)
+        tables = [p.table[:n] + [0] * (max_blocks - n) for p, n in zip(placed, n_blocks)]
         cu = [0]
         for c in chunks:
             cu.append(cu[-1] + c.length)
@@ -150,13 +151,11 @@ class StageRunner:
         starts = list(itertools.accumulate([0] + [c.length for c in chunks]))[:-1]
         # sequences decoding one plain token share one SDPA; prefill chunks and trees go one by one
         single = [i for i, (c, p) in enumerate(zip(chunks, placed)) if self._plain_decode(c, p)]
-        if len(single) > 1:
+        batched = set(single) if len(single) > 1 else set()
+        if batched:
             self._batched_decode(meta, [placed[i] for i in single])
             if len(single) < len(chunks):  # a mixed pass: new prompts joined the running batch
                 meta.decode_rows = torch.tensor([starts[i] for i in single], device=device)
-        else:
-            single = []
-        batched = set(single)
         meta.seqs = [self._seq_attention(c, pl, q0) for i, (c, pl, q0) in enumerate(zip(chunks, placed, starts))
                      if i not in batched]
         return meta
@@ -166,7 +165,7 @@ class StageRunner:
         device, bs = self.model.device, self.block_size
         window = self.model.config.sliding_window
         end, table, pos = pl.end, pl.table, pl.positions
-        n_blocks = -(-end // bs)
+        n_blocks = self.blocks.blocks_needed(end)
         if table[:n_blocks] == list(range(table[0], table[0] + n_blocks)):
             kv_slice, kv_index = (table[0] * bs, table[0] * bs + end), None
         else:
@@ -203,7 +202,7 @@ class StageRunner:
         block: SmolLM2, 8 sequences of ~70 tokens, K and V of one layer in ~37 us, where indexing
         every token slot took ~160 us (at 32 sequences ~0.3 vs ~1.4 ms), once per layer per step."""
         bs = self.block_size
-        n_blocks = [-(-p.end // bs) for p in placed]
+        n_blocks = [self.blocks.blocks_needed(p.end) for p in placed]
         longest = max(n_blocks)
         blocks = [b for p, n in zip(placed, n_blocks) for b in p.table[:n] + [p.table[0]] * (longest - n)]
         ends = torch.tensor([p.end for p in placed])
