@@ -23,6 +23,7 @@ import triton.language as tl  # noqa: E402
 import importlib  # noqa: E402
 
 W = importlib.import_module("kernels.w4a16_matmul")  # the package re-exports a function of that name
+_dq8_prod = W._dq8_asm
 from kernels.utils import cdiv  # noqa: E402
 
 
@@ -529,13 +530,62 @@ def _gemv_f(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_qk, stride_sk, strid
     tl.store(out_ptr + pid_k * stride_os + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit
+def _dot_swap(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, M, N, stride_xm, stride_qk, stride_sk, stride_zk,
+              stride_os, stride_om, k_steps_per_split, k_steps,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # swap AB: out^T tile [BLOCK_N, BLOCK_M] = sum_i W_i [BLOCK_N, G8] @ x_i^T [G8, BLOCK_M]. The
+    # dequantized weights are the A operand (Hopper's wgmma reads A from registers; B must sit in
+    # shared memory), x^T the small B operand; M = 1 pads x to BLOCK_M = 16 columns, not 16 rows.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    G8: tl.constexpr = BLOCK_K // 8
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask, n_mask = rm < M, rn < N
+    rkp = tl.arange(0, G8)
+    q_ptrs = qw_ptr + rn[:, None] + rkp[None, :] * stride_qk
+    xt_ptrs = x_ptr + rm[None, :].to(tl.int64) * stride_xm + rkp[:, None]
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[:, None], other=0)
+        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
+        w0, w4, w1, w5, w2, w6, w3, w7 = _dq8_prod(packed, 1)
+        xb = xt_ptrs + kb * BLOCK_K
+        x0 = tl.load(xb + 0 * G8, mask=m_mask[None, :], other=0.0)
+        x1 = tl.load(xb + 1 * G8, mask=m_mask[None, :], other=0.0)
+        x2 = tl.load(xb + 2 * G8, mask=m_mask[None, :], other=0.0)
+        x3 = tl.load(xb + 3 * G8, mask=m_mask[None, :], other=0.0)
+        x4 = tl.load(xb + 4 * G8, mask=m_mask[None, :], other=0.0)
+        x5 = tl.load(xb + 5 * G8, mask=m_mask[None, :], other=0.0)
+        x6 = tl.load(xb + 6 * G8, mask=m_mask[None, :], other=0.0)
+        x7 = tl.load(xb + 7 * G8, mask=m_mask[None, :], other=0.0)
+        g = tl.dot(w0, x0)
+        g = tl.dot(w1, x1, g)
+        g = tl.dot(w2, x2, g)
+        g = tl.dot(w3, x3, g)
+        g = tl.dot(w4, x4, g)
+        g = tl.dot(w5, x5, g)
+        g = tl.dot(w6, x6, g)
+        g = tl.dot(w7, x7, g)
+        xs = (x0.to(tl.float32) + x1.to(tl.float32) + x2.to(tl.float32) + x3.to(tl.float32)
+              + x4.to(tl.float32) + x5.to(tl.float32) + x6.to(tl.float32) + x7.to(tl.float32))
+        acc += (g - z[:, None] * tl.sum(xs, axis=0)[None, :]) * s[:, None]
+    o_ptrs = out_ptr + pid_k * stride_os + rm[None, :].to(tl.int64) * stride_om + rn[:, None]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+
+
 # ---------------------------------------------------------------- launchers
 def launch(kind, x, p, cfg):
     M, N = x.shape[0], p.out_features
     k_steps = p.in_features // p.group
     sms = W.device_sms(x)
     block_n = cfg["block_n"]
-    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    block_m = cfg.get("block_m") or (16 if M <= 16 else (32 if M <= 32 else 64))
     if kind in ("gemv", "gemv_fact", "load_only", "gemv_asm", "gemv_kint", "gemv_fused", "gemv_k", "gemv_f"):
         block_m = 1
     tiles = cdiv(N, block_n) * cdiv(M, block_m)
@@ -578,7 +628,8 @@ def launch(kind, x, p, cfg):
             p.zeros.stride(0), sos, dst.stride(-2), per, k_steps,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=p.group, CENTER=kind == "dot_kc", **kw)
     else:
-        kern = {"dot": W._w4a16_kernel, "dot_asm": _dot_asm, "dot_split8": _dot_split8, "dot_int": _dot_int}[kind]
+        kern = {"dot": W._w4a16_kernel, "dot_asm": _dot_asm, "dot_split8": _dot_split8, "dot_int": _dot_int,
+                "dot_swap": _dot_swap}[kind]
         kern[(cdiv(N, block_n), split, cdiv(M, block_m))](
             x, p.qweight, p.scales, p.zeros, dst, M, N, x.stride(0), p.qweight.stride(0), p.scales.stride(0),
             p.zeros.stride(0), sos, dst.stride(-2), per, k_steps,
@@ -739,5 +790,54 @@ def dot_sweep():
         (out_dir / "w4_dot_sweep.json").write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
 
 
+def swap_sweep():
+    """Swap-AB dot (_dot_swap: dequantized weights as the A operand) against the production
+    kernel at $SWEEP_M rows (default 1,16), per 32B shape, over launch configs.
+    $OUT/w4_swap_sweep.json. H200: 3-9% faster than the production kernel at M = 16 here, slower
+    at M = 1; inside a 16-node verify of 8 layers + head (bench/gpu_profile.py) 1576 + 86 us
+    against 1559 + 82 us once both sum split-K partials in a second kernel: not adopted."""
+    import itertools
+
+    out_dir = Path(os.environ.get("OUT", "/tmp"))
+    dev = "cuda"
+    torch.manual_seed(0)
+    x_big = torch.randn(64, 27648, dtype=torch.bfloat16, device=dev)
+    rows = []
+    t0 = time.time()
+    budget = float(os.environ.get("EXPLORE_BUDGET_S", "300"))
+    for (k, n) in [(5120, 55296), (27648, 5120), (5120, 7168), (5120, 5120)]:
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
+        p = W.quantize_w4(w)
+        del w
+        copies = max(2, int(400e6 // (n * k // 2)) + 1)
+        ps = [p] + [W.W4Packed(p.qweight.clone(), p.scales.clone(), p.zeros.clone(), p.shape, p.group,
+                               W.new_locks(n, dev)) for _ in range(copies - 1)]
+        wbytes = p.qweight.numel() * 4 + p.scales.numel() * 2 + p.zeros.numel()
+        for M in [int(m) for m in os.environ.get("SWEEP_M", "1,16").split(",")]:
+            x = x_big[:M, :k].contiguous()
+            ref = W.w4a16_matmul_ref(x, p).float()
+            prod_us = graph_us([(lambda q=q: W.w4a16_matmul(x, q)) for q in ps], reps=10)
+            best = None
+            for bn, warps, waves, stages in itertools.product((64, 128, 256), (4, 8), (1, 2, 4, 8), (3, 4)):
+                if time.time() - t0 > budget:
+                    break
+                cfg = dict(block_n=bn, num_warps=warps, waves=waves, num_stages=stages, block_m=16)
+                try:
+                    got = launch("dot_swap", x, p, cfg).float()
+                    err = ((got - ref).abs().max() / ref.abs().max()).item()
+                    us = graph_us([(lambda q=q: launch("dot_swap", x, q, cfg)) for q in ps], reps=10)
+                except Exception as e:  # noqa: BLE001
+                    rows.append(dict(M=M, shape=[k, n], cfg=cfg, error=str(e)[:300]))
+                    print("FAIL", M, k, n, cfg, str(e)[:300], flush=True)
+                    continue
+                rows.append(dict(M=M, shape=[k, n], cfg=cfg, us=us, err=err))
+                if err < 2e-2 and (best is None or us < best[0]):
+                    best = (us, cfg, err)
+            print(f"M={M:2d} {k:5d}->{n:5d} production {prod_us:6.1f} us ({wbytes / prod_us / 1e3:.0f} GB/s)  "
+                  f"swap best {best} ({wbytes / best[0] / 1e3 if best else 0:.0f} GB/s)", flush=True)
+            rows.append(dict(M=M, shape=[k, n], production_us=prod_us, best=best))
+        (out_dir / "w4_swap_sweep.json").write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
+
+
 if __name__ == "__main__":
-    dot_sweep() if sys.argv[1:] == ["dot-sweep"] else main()
+    {"dot-sweep": dot_sweep, "swap-sweep": swap_sweep}.get(sys.argv[1] if sys.argv[1:] else "", main)()

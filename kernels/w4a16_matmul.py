@@ -37,10 +37,11 @@ Kernels (`w4a16_matmul`, x [M, in] -> [M, out]):
            [K, N] reshape, no fp32 round trip. Elsewhere (fp32 x, TRITON_INTERPRET) the same
            kernel builds 128 + q with plain shifts.
 Both split K when out/BLOCK_N tiles cannot fill the SMs (out = 5120: 40-80 tiles for 132
-SMs). Partial sums go to an fp32 [split, M, out] buffer; with `locks` the last program of a
-tile to finish (atomic counter, acq_rel) adds the partials in split order and resets its
-counter: deterministic, and no second launch (~2.5 us saved per matmul). Without locks a
-second kernel does the same sum.
+SMs). Partial sums go to an fp32 [split, M, out] buffer; for the GEMV (with `locks`) the last
+program of a tile to finish (atomic counter, acq_rel) adds the partials in split order and
+resets its counter: deterministic, and no second launch (~2.5 us saved per matmul). Otherwise
+a second kernel does the same sum: for 2+ rows that is faster than the last program summing
+a [BLOCK_M, BLOCK_N] tile per split alone (16 rows, H200: -4% on a whole verify pass).
 H200, Qwen2.5-32B shapes (bench/w4_explore.py; the H100 figures are in the README):
 M = 1: 5120->55296 73 us (was 88), 27648->5120 42 us (was 49); M = 16: 99 us (was 148) and
 56 us (was 80). Load-only ceiling of the same tiles: ~45 and ~21 us.
@@ -365,9 +366,10 @@ def _plan(M: int, N: int, K: int, k_steps: int, sms: int, cfg: dict) -> tuple[in
         # swept on an H200 at M = 16, Qwen2.5-32B shapes (bench/w4_explore.py dot-sweep): fewer
         # split-K waves than the GEMV wants (the dot path does more work per weight), wide tiles
         # for the wide gate_up; us gate_up / down / qkv / o 99.6 / 62.9 / 22.4 / 22.7 with
-        # (128, 4, 8) everywhere -> 90.3 / 57.4 / 20.7 / 16.0
+        # (128, 4, 8) everywhere -> 90.3 / 57.4 / 20.7 / 16.0. Re-swept with the split-K sum in a
+        # second kernel (no locks): the tall down takes wide tiles too, 56.0 -> 52.1 us.
         block_m = 16
-        block_n, warps, waves = (256, 4, 2) if N >= 4 * K else (128, 8, 4) if K >= 4 * N else (128, 4, 2)
+        block_n, warps, waves = (256, 4, 2) if N >= 4 * K or K >= 4 * N else (128, 4, 2)
     else:
         block_m = 32 if M <= 32 else 64
         block_n, warps, waves = 128, 4, 8
@@ -397,7 +399,9 @@ def w4a16_matmul(x: torch.Tensor, p: W4Packed, split_k: int | None = None, confi
     per_split = cdiv(k_steps, split_k)
     split_k = cdiv(k_steps, per_split)
     grid = (cdiv(N, block_n), split_k, cdiv(M, block_m))
-    use_locks = bool(cfg["locks"] and split_k > 1 and p.locks is not None
+    # The last-program reduction (locks) only for the GEMV: for 2+ rows it was slower than the
+    # second kernel (H200, 8 layers of the 32B shape + head, 16 rows: 1712 vs 1559 + 82 us).
+    use_locks = bool(cfg["locks"] and split_k > 1 and block_m == 1 and p.locks is not None
                      and p.locks.numel() >= grid[0] * grid[2])
     part = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
     locks = p.locks if use_locks else part  # unused pointer when not use_locks

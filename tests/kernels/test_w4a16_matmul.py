@@ -80,8 +80,8 @@ def test_w4a16_matches_ref(M, dtype):
 @pytest.mark.parametrize("M", [2, 16])
 @pytest.mark.parametrize("n_out,n_in", [(520, 128), (100, 512)])
 def test_w4a16_wide_and_tall_tiles(M, n_out, n_in):
-    # up to 16 rows, a wide matrix (out >= 4 in) takes 256-wide tiles and a tall one (in >= 4 out)
-    # 8 warps (kernels/w4a16_matmul.py _plan); partial last tiles both
+    # up to 16 rows, a wide matrix (out >= 4 in) and a tall one (in >= 4 out) take 256-wide
+    # tiles (kernels/w4a16_matmul.py _plan); partial last tiles both
     p = quantize_w4(_weight(n_out, n_in, torch.bfloat16)).to(DEVICE)
     x = torch.randn(M, n_in, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16).to(DEVICE)
     ref = w4a16_matmul_ref(x, p)
