@@ -28,7 +28,10 @@ they are closer to the exact product.
 Kernels (`w4a16_matmul`, x [M, in] -> [M, out]):
   M == 1   `_w4_gemv_kernel`: CUDA cores, fp32 FMAs on 128 + q, one cross-thread reduction at
            the end. ~4.6 instructions a weight (was ~5.5 with a per-weight subtract and an
-           arithmetic shift + sign extend).
+           arithmetic shift + sign extend). Tried and dropped: reading each nibble where a
+           shift of the word puts it (fp32 2^(23-p) + q at bit p, 2 or 4 shifts a word
+           instead of 7, the magics cancelled per group): H200 5120->55296 75-81 us against
+           73.8, the head 183-194 against 183; the shifts are not what bounds it.
            Groups below 128 (tiny test models: tl.dot needs K = group / 8 >= 16) run every
            row through this kernel too, one grid row per x row.
   M >= 2   `_w4a16_kernel`: tensor cores. On CUDA with bf16/fp16 x, inline PTX turns one int32
