@@ -14,7 +14,10 @@ For each model and mode (fp32 / int8 / int4, dllm/model/cpu_quant.py through
   scales and zeros included) but the rotary table, and not the embedding when the head is a
   separate matrix (a lookup reads one row of it);
 - the GGUF source's quantization types, by share of parameters (a 4-bit copy of a 5/6/8-bit
-  source loses what a 4-bit copy of a 4-bit source does not).
+  source loses what a 4-bit copy of a 4-bit source does not);
+- ``int4_ppl_by_kind``: the perplexity increase with one matmul kind (qkv, o, gate_up, down,
+  head) alone in int4 and the rest fp32, and their sum (close to the whole when the losses
+  add up): what keeping one kind in int8 would buy.
 
 Run: ``python -m bench.quant_quality [model ...]`` -> bench/results/quant-quality.json.
 """
@@ -97,6 +100,24 @@ def bench_model(name: str, prompts: list[list[dict]]) -> dict:
     fp32 = out["modes"]["fp32"]["weight_bytes_per_token"]
     for mode in MODES:
         out["modes"][mode]["bytes_vs_fp32"] = round(out["modes"][mode]["weight_bytes_per_token"] / fp32, 3)
+    out["int4_ppl_by_kind"] = int4_by_kind(model_dir, ids, out["modes"]["fp32"]["ppl"])
+    return out
+
+
+def int4_by_kind(model_dir, ids: list[int], fp32_ppl: float) -> dict:
+    """Relative perplexity increase with one matmul kind alone in int4 (the rest fp32): where
+    the int4 loss comes from, and so what keeping a kind in int8 would buy."""
+    from dllm.eval import perplexity
+    from dllm.model.stage import MATMUL_KINDS, StageModel
+
+    out = {}
+    for kind in MATMUL_KINDS:
+        stage = StageModel.from_pretrained(model_dir, dtype=torch.float32).quantize("int4", kinds=(kind,))
+        out[kind] = round(perplexity(stage, ids) / fp32_ppl - 1, 4)
+        del stage
+        gc.collect()
+    out["sum"] = round(sum(out.values()), 4)
+    print(f"  int4 one kind at a time: {out}", flush=True)
     return out
 
 
@@ -112,6 +133,8 @@ def print_table(rows: dict) -> None:
             print(f"{name:16} {mode:5} {m['ppl']:>8.3f} {vs:>8} {target:>7} {share:>12} {prefix:>7} "
                   f"{m['weight_bytes_per_token'] / 1e6:>9.1f} {m['bytes_vs_fp32']:>7.3f}")
         print(f"{'':16} source: {r['gguf']} {r['gguf_source_types']}")
+        print(f"{'':16} int4 ppl, one kind alone: "
+              + " ".join(f"{k} {100 * v:+.1f}%" for k, v in r["int4_ppl_by_kind"].items()))
 
 
 def run_bench(models=MODELS, threads: int = 2, out: str = "bench/results/quant-quality.json") -> dict:

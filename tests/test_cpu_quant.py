@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 
+from dllm.batch import SeqChunk
 from dllm.engine import Engine, LocalPipeline
 from dllm.model.cpu_quant import (
     INT4_GROUPS,
@@ -169,6 +170,35 @@ def test_stage_quantize_rejects_bad_modes(tiny_models):
     for kw in [{"mode": "int3"}, {"mode": "int8", "backend": "w4a16"}, {"mode": "int4", "backend": "npu"}]:
         with pytest.raises(ValueError):
             stage.quantize(**kw)
+
+
+def test_stage_quantize_one_kind(tiny_models):
+    """kinds=(...) quantizes only those matmuls (the per-kind sensitivity of bench/quant_quality.py):
+    the others stay dense, and the logits equal a dense model whose gate_up weights were replaced
+    by the dequantized int4 values."""
+    d, _ = tiny_models["llama"]
+    stage = StageModel.from_pretrained(d).quantize("int4", kinds=("gate_up",))
+    by_kind = {}
+    for kind, module, name in stage.matmul_slots():
+        w = getattr(module, name)
+        by_kind.setdefault(kind, set()).add(isinstance(w, CpuInt4Weight))
+    assert by_kind == {"qkv": {False}, "o": {False}, "gate_up": {True}, "down": {False}, "head": {False}}
+    dense = StageModel.from_pretrained(d)
+    for (kind, module, name), (_, qmodule, qname) in zip(dense.matmul_slots(), stage.matmul_slots()):
+        if kind == "gate_up":
+            delattr(module, name)
+            setattr(module, name, torch.nn.Parameter(getattr(qmodule, qname).dequantize(), requires_grad=False))
+    ids = torch.tensor([1, 5, 9, 2, 7])
+    want = dense.logits(dense_forward(dense, ids))
+    got = stage.logits(dense_forward(stage, ids))
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-2)
+    with pytest.raises(ValueError, match="unknown matmul kinds"):
+        StageModel.from_pretrained(d).quantize("int4", kinds=("mlp",))
+
+
+def dense_forward(stage: StageModel, ids: torch.Tensor) -> torch.Tensor:
+    runner = StageRunner.for_tokens(stage, 64)
+    return runner.forward(stage.embed(ids), [SeqChunk(0, 0, len(ids))])
 
 
 # ---- speculative decoding with a quantized target ------------------------------------------

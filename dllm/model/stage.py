@@ -33,6 +33,7 @@ from dllm.weights.manifest import Manifest
 from dllm.weights.quantized import fused_weight, stored_names
 
 QUANTIZED = (Int4Weight, CpuInt4Weight, Int8Weight)
+MATMUL_KINDS = ("qkv", "o", "gate_up", "down", "head")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -79,11 +80,22 @@ class StageModel(nn.Module):
 
     def layer_matmuls(self):
         """(module, attribute) of every layer matmul weight: qkv, o, gate_up, down per layer."""
-        for layer in self.layers:
-            yield from ((layer.attn, "qkv_weight"), (layer.attn, "o_weight"),
-                        (layer.mlp, "gate_up_weight"), (layer.mlp, "down_weight"))
+        for kind, module, name in self.matmul_slots():
+            if kind != "head":
+                yield module, name
 
-    def quantize(self, mode: str = "int4", group: int | None = None, backend: str = "auto") -> "StageModel":
+    def matmul_slots(self):
+        """(kind, module, attribute) of every matmul weight: per layer "qkv", "o", "gate_up",
+        "down", then "head" (attribute lm_head; a tied head's weight is the embedding's) if this
+        stage has it."""
+        for layer in self.layers:
+            yield from (("qkv", layer.attn, "qkv_weight"), ("o", layer.attn, "o_weight"),
+                        ("gate_up", layer.mlp, "gate_up_weight"), ("down", layer.mlp, "down_weight"))
+        if self.has_head:
+            yield "head", self, "lm_head"
+
+    def quantize(self, mode: str = "int4", group: int | None = None, backend: str = "auto",
+                 kinds=MATMUL_KINDS) -> "StageModel":
         """Replace every matmul weight (qkv, o, gate_up, down, the head; not the embedding lookup)
         by a quantized one, one at a time so each dense copy is freed before the next.
 
@@ -91,7 +103,9 @@ class StageModel(nn.Module):
         W4A16) or "int8" (per output row).
         backend: "w4a16" = Int4Weight (the Triton W4A16 kernel on CUDA, its torch reference
         elsewhere); "cpu" = ATen's weight-only CPU kernels (dllm/model/cpu_quant.py); "auto" =
-        "cpu" on a CPU model, "w4a16" otherwise. A tied head gets its own quantized copy."""
+        "cpu" on a CPU model, "w4a16" otherwise. A tied head gets its own quantized copy.
+        kinds: only the matmuls of these kinds (MATMUL_KINDS; bench/quant_quality.py measures
+        what each kind alone costs)."""
         if mode not in ("int4", "int8"):
             raise ValueError(f"unknown quantization {mode!r}; choose int4 or int8")
         if backend == "auto":
@@ -100,25 +114,25 @@ class StageModel(nn.Module):
             raise ValueError("the W4A16 backend (GPU) runs int4 only; int8 is a CPU path")
         if backend not in ("cpu", "w4a16"):
             raise ValueError(f"unknown quantization backend {backend!r}")
+        unknown = set(kinds) - set(MATMUL_KINDS)
+        if unknown:
+            raise ValueError(f"unknown matmul kinds {sorted(unknown)}; known: {', '.join(MATMUL_KINDS)}")
 
         def make(dense: torch.Tensor) -> nn.Module:
             if backend == "w4a16":
                 return Int4Weight.from_dense(dense, group or 128)
             return Int8Weight.from_dense(dense) if mode == "int8" else CpuInt4Weight.from_dense(dense, group or 32)
 
-        def swap(module: nn.Module, name: str, w) -> None:
-            if isinstance(w, QUANTIZED):
-                return
-            dense = w.dense() if isinstance(w, PackedWeight) else w.data
-            q = make(dense)
+        for kind, module, name in list(self.matmul_slots()):
+            w = getattr(module, name)
+            if kind == "head" and w is None:
+                w = self.embed_tokens.weight
+            if kind not in kinds or isinstance(w, QUANTIZED):
+                continue
+            q = make(w.dense() if isinstance(w, PackedWeight) else w.data)
             if hasattr(module, name):
                 delattr(module, name)
             setattr(module, name, q)
-
-        for module, name in self.layer_matmuls():
-            swap(module, name, getattr(module, name))
-        if self.has_head:
-            swap(self, "lm_head", self.lm_head if self.lm_head is not None else self.embed_tokens.weight)
         self.quant = mode
         return self.set_kernels(self.use_kernels)
 
