@@ -123,16 +123,8 @@ class StageModel(nn.Module):
                 return Int4Weight.from_dense(dense, group or 128)
             return Int8Weight.from_dense(dense) if mode == "int8" else CpuInt4Weight.from_dense(dense, group or 32)
 
-        for kind, module, name in list(self.matmul_slots()):
-            w = getattr(module, name)
-            if kind == "head" and w is None:
-                w = self.embed_tokens.weight
-            if kind not in kinds or isinstance(w, QUANTIZED):
-                continue
-            q = make(w.dense() if isinstance(w, PackedWeight) else w.data)
-            if hasattr(module, name):
-                delattr(module, name)
-            setattr(module, name, q)
+        self._replace_matmuls(lambda kind, w: None if kind not in kinds or isinstance(w, QUANTIZED) else
+                              make(w.dense() if isinstance(w, PackedWeight) else w.data))
         self.quant = mode
         return self.set_kernels(self.use_kernels)
 
@@ -146,17 +138,24 @@ class StageModel(nn.Module):
         if self.device.type != "cpu" or self.dtype != torch.float32 or not PackedWeight.available():
             return self  # bf16 goes through oneDNN already
 
-        def swap(module: nn.Module, name: str, w: torch.Tensor):
-            if isinstance(w, torch.Tensor) and w.dim() == 2:
-                if hasattr(module, name):
-                    delattr(module, name)
-                setattr(module, name, PackedWeight(w.data))
-
-        for module, name in self.layer_matmuls():
-            swap(module, name, getattr(module, name))
-        if self.has_head:
-            swap(self, "lm_head", self.lm_head if self.lm_head is not None else self.embed_tokens.weight)
+        self._replace_matmuls(lambda kind, w: PackedWeight(w.data)
+                              if isinstance(w, torch.Tensor) and w.dim() == 2 else None)
         return self
+
+    def _replace_matmuls(self, make) -> None:
+        """For every matmul slot, install ``make(kind, weight)`` in its place unless it returns
+        None; one slot at a time, so each old weight can be freed before the next is built. A
+        tied head's weight is the embedding's (the new module is the head's own copy)."""
+        for kind, module, name in list(self.matmul_slots()):
+            w = getattr(module, name)
+            if kind == "head" and w is None:
+                w = self.embed_tokens.weight
+            new = make(kind, w)
+            if new is None:
+                continue
+            if hasattr(module, name):
+                delattr(module, name)
+            setattr(module, name, new)
 
     # ---- weights -------------------------------------------------------------------------
     def tensor_names(self, quant: str | None = None) -> list[str]:
