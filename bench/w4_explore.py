@@ -6,6 +6,7 @@ CUDA graph. Prints GB/s of weight bytes and writes $OUT/w4_explore.json.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -747,57 +748,11 @@ def main():
                                                              triton=triton.__version__, rows=rows), indent=1))
 
 
-def dot_sweep():
-    """The production kernel (w4a16_matmul) at M = 4 / 16 / 64 over its launch configs, per
-    32B shape: the M >= 2 path had one fixed config. $OUT/w4_dot_sweep.json."""
-    import itertools
-
-    out_dir = Path(os.environ.get("OUT", "/tmp"))
-    dev = "cuda"
-    torch.manual_seed(0)
-    x_big = torch.randn(64, 27648, dtype=torch.bfloat16, device=dev)
-    rows = []
-    t0 = time.time()
-    budget = float(os.environ.get("EXPLORE_BUDGET_S", "300"))
-    for (k, n) in [(5120, 55296), (27648, 5120), (5120, 7168), (5120, 5120)]:
-        w = torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
-        p = W.quantize_w4(w)
-        del w
-        copies = max(2, int(400e6 // (n * k // 2)) + 1)
-        ps = [p] + [W.W4Packed(p.qweight.clone(), p.scales.clone(), p.zeros.clone(), p.shape, p.group,
-                               W.new_locks(n, dev)) for _ in range(copies - 1)]
-        for M in (16,):
-            x = x_big[:M, :k].contiguous()
-            ref = W.w4a16_matmul_ref(x, p).float()
-            best = None
-            for bn, warps, waves, stages in itertools.product((64, 128, 256), (4, 8), (2, 4, 8), (3, 4)):
-                if time.time() - t0 > budget:
-                    break
-                cfg = dict(block_n=bn, num_warps=warps, waves=waves, num_stages=stages)
-                try:
-                    got = W.w4a16_matmul(x, p, config=cfg).float()
-                    err = ((got - ref).abs().max() / ref.abs().max()).item()
-                    us = graph_us([(lambda q=q: W.w4a16_matmul(x, q, config=cfg)) for q in ps], reps=10)
-                except Exception as e:  # noqa: BLE001
-                    rows.append(dict(M=M, shape=[k, n], cfg=cfg, error=str(e)[:200]))
-                    continue
-                rows.append(dict(M=M, shape=[k, n], cfg=cfg, us=us, err=err))
-                if err < 2e-2 and (best is None or us < best[0]):
-                    best = (us, cfg)
-            default_us = graph_us([(lambda q=q: W.w4a16_matmul(x, q)) for q in ps], reps=10)
-            print(f"M={M:2d} {k:5d}->{n:5d} default {default_us:6.1f} us  best {best}", flush=True)
-            rows.append(dict(M=M, shape=[k, n], default_us=default_us, best=best))
-        (out_dir / "w4_dot_sweep.json").write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
-
-
-def swap_sweep():
-    """Swap-AB dot (_dot_swap: dequantized weights as the A operand) against the production
-    kernel at $SWEEP_M rows (default 1,16), per 32B shape, over launch configs.
-    $OUT/w4_swap_sweep.json. H200: 3-9% faster than the production kernel at M = 16 here, slower
-    at M = 1; inside a 16-node verify of 8 layers + head (bench/gpu_profile.py) 1576 + 86 us
-    against 1559 + 82 us once both sum split-K partials in a second kernel: not adopted."""
-    import itertools
-
+def _config_sweep(out_name: str, label: str, call, Ms, grid) -> None:
+    """Time ``call(x, p, cfg)`` at every launch config of ``grid`` against the production kernel
+    at its own plan, per 32B matmul shape and number of rows M; keep the fastest config whose
+    error against the reference is < 2e-2. Stops trying configs after $EXPLORE_BUDGET_S
+    (default 300) seconds. $OUT/<out_name>."""
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     dev = "cuda"
     torch.manual_seed(0)
@@ -813,19 +768,18 @@ def swap_sweep():
         ps = [p] + [W.W4Packed(p.qweight.clone(), p.scales.clone(), p.zeros.clone(), p.shape, p.group,
                                W.new_locks(n, dev)) for _ in range(copies - 1)]
         wbytes = p.qweight.numel() * 4 + p.scales.numel() * 2 + p.zeros.numel()
-        for M in [int(m) for m in os.environ.get("SWEEP_M", "1,16").split(",")]:
+        for M in Ms:
             x = x_big[:M, :k].contiguous()
             ref = W.w4a16_matmul_ref(x, p).float()
             prod_us = graph_us([(lambda q=q: W.w4a16_matmul(x, q)) for q in ps], reps=10)
             best = None
-            for bn, warps, waves, stages in itertools.product((64, 128, 256), (4, 8), (1, 2, 4, 8), (3, 4)):
+            for cfg in grid:
                 if time.time() - t0 > budget:
                     break
-                cfg = dict(block_n=bn, num_warps=warps, waves=waves, num_stages=stages, block_m=16)
                 try:
-                    got = launch("dot_swap", x, p, cfg).float()
+                    got = call(x, p, cfg).float()
                     err = ((got - ref).abs().max() / ref.abs().max()).item()
-                    us = graph_us([(lambda q=q: launch("dot_swap", x, q, cfg)) for q in ps], reps=10)
+                    us = graph_us([(lambda q=q: call(x, q, cfg)) for q in ps], reps=10)
                 except Exception as e:  # noqa: BLE001
                     rows.append(dict(M=M, shape=[k, n], cfg=cfg, error=str(e)[:300]))
                     print("FAIL", M, k, n, cfg, str(e)[:300], flush=True)
@@ -834,9 +788,29 @@ def swap_sweep():
                 if err < 2e-2 and (best is None or us < best[0]):
                     best = (us, cfg, err)
             print(f"M={M:2d} {k:5d}->{n:5d} production {prod_us:6.1f} us ({wbytes / prod_us / 1e3:.0f} GB/s)  "
-                  f"swap best {best} ({wbytes / best[0] / 1e3 if best else 0:.0f} GB/s)", flush=True)
+                  f"{label} best {best} ({wbytes / best[0] / 1e3 if best else 0:.0f} GB/s)", flush=True)
             rows.append(dict(M=M, shape=[k, n], production_us=prod_us, best=best))
-        (out_dir / "w4_swap_sweep.json").write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
+        (out_dir / out_name).write_text(json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=rows), indent=1))
+
+
+def dot_sweep():
+    """The production kernel (w4a16_matmul) at M = 16 over its launch configs, per 32B shape:
+    the M >= 2 path had one fixed config. $OUT/w4_dot_sweep.json."""
+    grid = [dict(block_n=bn, num_warps=nw, waves=wv, num_stages=st)
+            for bn, nw, wv, st in itertools.product((64, 128, 256), (4, 8), (2, 4, 8), (3, 4))]
+    _config_sweep("w4_dot_sweep.json", "config", lambda x, p, cfg: W.w4a16_matmul(x, p, config=cfg), (16,), grid)
+
+
+def swap_sweep():
+    """Swap-AB dot (_dot_swap: dequantized weights as the A operand) against the production
+    kernel at $SWEEP_M rows (default 1,16), per 32B shape, over launch configs.
+    $OUT/w4_swap_sweep.json. H200: 3-9% faster than the production kernel at M = 16 here, slower
+    at M = 1; inside a 16-node verify of 8 layers + head (bench/gpu_profile.py) 1576 + 86 us
+    against 1559 + 82 us once both sum split-K partials in a second kernel: not adopted."""
+    grid = [dict(block_n=bn, num_warps=nw, waves=wv, num_stages=st, block_m=16)
+            for bn, nw, wv, st in itertools.product((64, 128, 256), (4, 8), (1, 2, 4, 8), (3, 4))]
+    Ms = [int(m) for m in os.environ.get("SWEEP_M", "1,16").split(",")]
+    _config_sweep("w4_swap_sweep.json", "swap", lambda x, p, cfg: launch("dot_swap", x, p, cfg), Ms, grid)
 
 
 if __name__ == "__main__":
