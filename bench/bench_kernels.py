@@ -148,6 +148,39 @@ def bench_rope(b, K):
               check=False)  # checked above: the op is in place
 
 
+def bench_rope_store_kv(b, K):
+    """The fused bias + rope + cache write against the launches it replaces (bias add, rope, 2 index_copy)."""
+    cos, sin = (t.cuda() for t in K.rope_cache(32768, HEAD_DIM, base=1e6))
+    blocks = 4096 // BLOCK_SIZE + 8
+    kc = torch.zeros(blocks, BLOCK_SIZE, N_KV, HEAD_DIM, device="cuda", dtype=DTYPE)
+    vc = torch.zeros_like(kc)
+    width = (N_HEADS + 2 * N_KV) * HEAD_DIM
+    bias = torch.randn(width, device="cuda", dtype=DTYPE)
+    for T in ([1, 64] if b.quick else [1, 16, 64]):
+        qkv = torch.randn(T, width, device="cuda", dtype=DTYPE)
+        q, k, v = (t.view(T, -1, HEAD_DIM) for t in qkv.split([N_HEADS * HEAD_DIM, N_KV * HEAD_DIM, N_KV * HEAD_DIM], -1))
+        pos = torch.randint(0, 32768, (T,), device="cuda")
+        slots = torch.randperm(blocks * BLOCK_SIZE, device="cuda")[:T]
+        kc_ref, vc_ref, q_ref = kc.clone(), vc.clone(), q.clone()
+        K.rope_store_kv_ref(q_ref, k, v, pos, cos, sin, kc_ref, vc_ref, slots, bias)
+        q2 = q.clone()
+        K.rope_store_kv(q2, k, v, pos, cos, sin, kc, vc, slots, bias)
+        _check(f"rope_store_kv T={T}", (q2, kc, vc), (q_ref, kc_ref, vc_ref))
+
+        def unfused():
+            y = qkv + bias
+            yq, yk, yv = (t.view(T, -1, HEAD_DIM) for t in y.split([N_HEADS * HEAD_DIM, N_KV * HEAD_DIM, N_KV * HEAD_DIM], -1))
+            K.rope(yq, yk, pos, cos, sin)
+            kc.view(-1, N_KV, HEAD_DIM).index_copy_(0, slots, yk)
+            vc.view(-1, N_KV, HEAD_DIM).index_copy_(0, slots, yv)
+
+        b.run("rope_store_kv", f"T={T} {N_HEADS}/{N_KV}x{HEAD_DIM} bias",
+              lambda: K.rope_store_kv(q2, k, v, pos, cos, sin, kc, vc, slots, bias),
+              lambda: K.rope_store_kv_ref(q_ref, k, v, pos, cos, sin, kc_ref, vc_ref, slots, bias),
+              dict(bytes=2 * (2 * T * width + T * N_HEADS * HEAD_DIM)),
+              {"bias_rope_index_copy": unfused}, check=False)  # checked above: the op writes in place
+
+
 def bench_swiglu(b, K):
     for T in ([1, 4096] if b.quick else [1, 64, 4096]):
         x = torch.randn(T, 2 * INTER, device="cuda", dtype=DTYPE)
@@ -225,7 +258,7 @@ def bench_tree(b, K):
                   lambda: K.tree_attention_ref(q, kc, vc, bt, cl, cu, mask, moff), dict(bytes=kv_bytes))
 
 
-OPS = {"norms": bench_norms, "rope": bench_rope, "swiglu": bench_swiglu, "w4a16": bench_w4a16,
+OPS = {"norms": bench_norms, "rope": bench_rope, "rope_store_kv": bench_rope_store_kv, "swiglu": bench_swiglu, "w4a16": bench_w4a16,
        "paged_decode": bench_paged_decode, "tree": bench_tree}
 
 

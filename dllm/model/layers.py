@@ -7,7 +7,7 @@ Activations are flat over tokens: [T, H].
 
 Each module has two paths with the same arithmetic: plain torch (CPU, `DLLM_KERNELS=0`) and the
 Triton ops of kernels/ (`use_kernels`, set by StageModel.set_kernels). The kernel path fuses
-the residual add into the next RMSNorm, rotates q/k in place inside the fused qkv output,
+the residual add into the next RMSNorm, the qkv bias add, rope and the K/V cache write into one launch,
 and fuses SwiGLU; attention follows the metadata's form (dllm/model/attention.py).
 """
 from __future__ import annotations
@@ -138,7 +138,9 @@ class Attention(nn.Module):
         """x [T, H] -> [T, H]. cos/sin: [T, 1, hd] per token (torch path) or the [N, hd/2] fp32
         tables indexed by meta.positions (kernel path)."""
         T = x.shape[0]
-        qkv = linear(x, self.qkv_weight, self.qkv_bias)
+        # kernel path without q/k norm: the bias add rides in the fused rope + cache-write launch
+        fuse_bias = self.use_kernels and self.q_norm is None
+        qkv = linear(x, self.qkv_weight, None if fuse_bias else self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
@@ -146,14 +148,17 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_kernels:
-            kernels.rope(q, k, meta.positions, cos, sin)  # in place, views of qkv
-        elif self.q_norm is None:
-            # q and k are adjacent columns of qkv: rotate them as one [T, heads + kv_heads, hd] block
-            qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(T, -1, self.head_dim), cos, sin)
-            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+            # q rotated in place (a view of qkv); rotated k and v go straight to their cache slots
+            kernels.rope_store_kv(q, k, v, meta.positions, cos, sin, kv[0], kv[1], meta.slot_mapping,
+                                  self.qkv_bias if fuse_bias else None)
         else:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        store_kv(kv[0], kv[1], k, v, meta.slot_mapping)
+            if self.q_norm is None:
+                # q and k are adjacent columns of qkv: rotate them as one [T, heads + kv_heads, hd] block
+                qk = apply_rope(qkv[:, :self.q_size + self.kv_size].view(T, -1, self.head_dim), cos, sin)
+                q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            store_kv(kv[0], kv[1], k, v, meta.slot_mapping)
         o = paged_attention(q, kv[0], kv[1], meta, self.scale)
         return linear(o.reshape(T, self.q_size), self.o_weight)
 
