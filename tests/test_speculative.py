@@ -231,6 +231,33 @@ def test_planner_leaves_its_priors_within_a_few_passes():
     assert abs(p.draft_step - 0.030) < 0.01, p.draft_step
 
 
+def test_planner_draft_cost_shrugs_off_slow_first_steps():
+    """The first draft steps on new shapes run several times slower than the rest: two such
+    passes must not make drafting look dear for the passes after them."""
+    from dllm.spec.planner import TreePlanner
+
+    p = TreePlanner(prior_a1=0.8, prior_as=0.2, ema=0.05)
+    for n in (1, 5, 9, 17):
+        p.observe_verify(n, 0.2 + 0.002 * n)  # a 50 ms RTT chain of a slow CPU target
+    for _ in range(2):
+        p.observe_draft(4, 4 * 0.084)  # warm-up
+    for _ in range(3):
+        p.observe_draft(4, 4 * 0.014)
+    assert abs(p.draft_step - 0.014) < 1e-9, p.draft_step
+    assert p._best()[0] >= 4, p._best()
+
+
+def test_planner_probes_drafting_soon_after_giving_it_up():
+    from dllm.spec.planner import TreePlanner
+
+    p = TreePlanner(prior_a1=0.02, ema=0.0)  # a hopeless drafter: plain steps
+    for n in (1, 5, 9):
+        p.observe_verify(n, 0.01 * n)
+    assert p._shape == (0, 1)
+    shapes = [p.shape() for _ in range(8)]
+    assert shapes.count((1, 1)) == 2 and shapes.count((0, 1)) == 6, shapes
+
+
 def test_planner_measures_acceptance_per_depth():
     """A drafter right at depth 1 and wrong at depth 2 is worth a depth-1 draft, not a deep one:
     the overall rate (1/2) alone would predict a geometric tail."""

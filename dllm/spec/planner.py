@@ -17,14 +17,21 @@ cluster) and shrunk toward the overall rate a1 where a depth has few observation
 raises c0, which makes each pass dearer and favours deeper and wider trees; a poor drafter
 lowers a1 and the planner shrinks the tree toward a plain step.
 
-Running estimates move by ``max(ema, 1 / (observations + prior_weight))``: a plain average over
-the first passes (an acceptance prior counts as ``prior_weight`` observations; the draft-time prior
-is replaced by the first measurement), an exponential one after.
+Acceptance estimates move by ``max(ema, 1 / (observations + prior_weight))``: a plain average over
+the first passes (the prior counts as ``prior_weight`` observations), an exponential one after.
 A fixed small rate alone would plan a request's first few dozen passes from the priors.
+The draft-step cost is the median of the last DRAFT_WINDOW measurements (the prior until the
+first): a draft's first steps on a new row count or after a long idle run several times slower
+(Qwen2.5-Coder-0.5B int4 on 2 cores: 84 ms a step in the first passes, 14 ms after), and a mean
+carried those into a dozen passes planned as if drafting did not pay.
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
+
+DRAFT_WINDOW = 15  # recent draft steps whose median is the draft-step cost
 
 
 @dataclass
@@ -63,12 +70,13 @@ class TreePlanner:
         self.a1, self.a_side = prior_a1, prior_as
         self.ema = ema
         self.prior_weight = prior_weight
-        self._seen = {"a1": 0, "side": 0, "draft": 0}  # observations so far, per estimate
+        self._seen = {"a1": 0, "side": 0}  # observations so far, per estimate
         # per depth k: decayed (hits, trials) of the main child at depth k given the walk got there
         self._level = [[0.0, 0.0] for _ in range(max_depth)]
         self.verify_fit = _LinearFit()
         self.prior_verify = prior_verify
         self.draft_step = prior_draft_step
+        self._draft_steps: deque = deque(maxlen=DRAFT_WINDOW)
         self._shape = (min(4, max_depth), 1)
         self._calls = 0
 
@@ -106,9 +114,10 @@ class TreePlanner:
         self._shape = self._best()
 
     def observe_draft(self, depth: int, seconds: float) -> None:
-        if depth > 0:
+        if depth > 0 and self.ema > 0:
             # a time prior is a guess about the hardware: the first measurement replaces it
-            self.draft_step += self._rate("draft", 0.0) * (seconds / depth - self.draft_step)
+            self._draft_steps.append(seconds / depth)
+            self.draft_step = statistics.median(self._draft_steps)
 
     # ---- decision ---------------------------------------------------------------------------------
     def level_acceptance(self, k: int) -> float:
@@ -146,11 +155,12 @@ class TreePlanner:
 
     def shape(self) -> tuple[int, int]:
         """(depth, width) for the next pass. When drafting does not pay, still probe a depth-1
-        draft every 16th pass so a drafter that improves (new context, new topic) is noticed; when
-        chains win, still probe side leaves every 16th pass, or the sibling rate stays the prior."""
+        draft every 4th pass so a drafter that improves (new context, new topic) is noticed soon
+        (a probe costs one draft step and one more row); when chains win, still probe side leaves
+        every 16th pass, or the sibling rate stays the prior."""
         self._calls += 1
         depth, width = self._shape
-        if depth == 0 and self._calls % 16 == 0:
+        if depth == 0 and self._calls % 4 == 0:
             return (1, 1)
         if depth > 0 and width == 1 and self.max_width > 1 and self._calls % 16 == 8:
             return (depth, 2)
