@@ -27,35 +27,11 @@ from .utils import check_last_dim_contiguous, next_power_of_2, require_triton, t
 
 
 @triton.jit
-def _rope_rotate(x_ptr, t, stride_t, stride_h, n_heads, cos, sin,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Rotates all heads of token t: a [BLOCK_H, BLOCK_D] tile of each half.
-    h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, BLOCK_D)
-    mask = (h < n_heads)[:, None] & (d < HALF)[None, :]
-    ptr = x_ptr + t * stride_t + h[:, None] * stride_h + d[None, :]
-    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
-    out_ty = x_ptr.dtype.element_ty
-    tl.store(ptr, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_ty), mask=mask)
-    tl.store(ptr + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_ty), mask=mask)
-
-
-@triton.jit
-def _rope_kernel(
-    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
-    q_stride_t, q_stride_h, k_stride_t, k_stride_h, cos_stride,
-    n_q_heads, n_k_heads,
-    HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    # One program per token: cos/sin row read once, used for every q and k head.
-    t = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + t).to(tl.int64)
+def _cos_sin_row(cos_ptr, sin_ptr, pos, cos_stride, HALF: tl.constexpr, BLOCK_D: tl.constexpr):
     d = tl.arange(0, BLOCK_D)
     cos = tl.load(cos_ptr + pos * cos_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + pos * cos_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
-    _rope_rotate(q_ptr, t, q_stride_t, q_stride_h, n_q_heads, cos, sin, HALF, BLOCK_QH, BLOCK_D)
-    _rope_rotate(k_ptr, t, k_stride_t, k_stride_h, n_k_heads, cos, sin, HALF, BLOCK_KH, BLOCK_D)
+    return cos, sin
 
 
 @triton.jit
@@ -99,6 +75,24 @@ def _bias_copy(src_ptr, dst_ptr, bias_ptr, src_off, dst_off, stride_h, dst_strid
 
 
 @triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
+    q_stride_t, q_stride_h, k_stride_t, k_stride_h, cos_stride,
+    n_q_heads, n_k_heads,
+    HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per token: cos/sin row read once, used for every q and k head.
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    cos, sin = _cos_sin_row(cos_ptr, sin_ptr, pos, cos_stride, HALF, BLOCK_D)
+    # in place (src = dst), no bias; dims past 2*HALF are left alone (REST = 0)
+    _rope_tile(q_ptr, q_ptr, q_ptr, t * q_stride_t, t * q_stride_t, q_stride_h, q_stride_h, n_q_heads, cos, sin,
+               False, HALF, 0, BLOCK_QH, BLOCK_D, 1)
+    _rope_tile(k_ptr, k_ptr, k_ptr, t * k_stride_t, t * k_stride_t, k_stride_h, k_stride_h, n_k_heads, cos, sin,
+               False, HALF, 0, BLOCK_KH, BLOCK_D, 1)
+
+
+@triton.jit
 def _rope_store_kv_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, kc_ptr, vc_ptr, qb_ptr, kb_ptr, vb_ptr,
     q_stride_t, q_stride_h, k_stride_t, k_stride_h, v_stride_t, v_stride_h, cos_stride,
@@ -111,9 +105,7 @@ def _rope_store_kv_kernel(
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    d = tl.arange(0, BLOCK_D)
-    cos = tl.load(cos_ptr + pos * cos_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + pos * cos_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin_row(cos_ptr, sin_ptr, pos, cos_stride, HALF, BLOCK_D)
     _rope_tile(q_ptr, q_ptr, qb_ptr, t * q_stride_t, t * q_stride_t, q_stride_h, q_stride_h, n_q_heads, cos, sin,
                HAS_BIAS, HALF, REST, BLOCK_QH, BLOCK_D, BLOCK_R)
     _rope_tile(k_ptr, kc_ptr, kb_ptr, t * k_stride_t, slot * c_stride_s, k_stride_h, c_stride_h, n_k_heads,
