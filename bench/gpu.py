@@ -104,7 +104,7 @@ def matmul_slots(st: StageModel):
 
 
 def meta_int4(shape: tuple[int, int], dtype) -> Int4Weight:
-    import kernels
+    import dllm_kernels as kernels
 
     n_out, n_in = shape
     e = dict(device="meta")

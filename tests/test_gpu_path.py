@@ -8,7 +8,6 @@ Triton picks the interpreter when `@triton.jit` runs, triton.language's own func
 so when another test module imported triton first, the kernel tests re-run themselves in a fresh
 pytest process with TRITON_INTERPRET=1 (`ran_elsewhere`).
 """
-import importlib
 import os
 import random
 import subprocess
@@ -18,15 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    # triton picks the interpreter when @triton.jit runs: reload kernels imported before this
-    for _name in ["kernels.utils", "kernels.paged_attention", "kernels.rmsnorm", "kernels.rope",
-                  "kernels.swiglu", "kernels.tree_attention", "kernels.w4a16_matmul", "kernels"]:
-        if _name in sys.modules and not getattr(sys.modules.get("kernels.utils"), "INTERPRETED_AT_IMPORT", False):
-            importlib.reload(sys.modules[_name])
+from tests.kernels import use_interpreter_without_gpu  # noqa: E402
 
-import kernels  # noqa: E402
+use_interpreter_without_gpu()
+
+import dllm_kernels as kernels  # noqa: E402
 from dllm.batch import SeqChunk  # noqa: E402
 from dllm.engine import Engine  # noqa: E402
 from dllm.model.cuda_graph import GraphRunner  # noqa: E402

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+
 import torch
+
+KERNEL_MODULES = ["dllm_kernels.utils", "dllm_kernels.paged_attention", "dllm_kernels.rmsnorm", "dllm_kernels.rope",
+                  "dllm_kernels.swiglu", "dllm_kernels.tree_attention", "dllm_kernels.w4a16_matmul", "dllm_kernels"]
+
+
+def use_interpreter_without_gpu() -> None:
+    """Without CUDA, run the Triton kernels through triton's interpreter. TRITON_INTERPRET must be
+    set before `@triton.jit` runs (triton picks the interpreter at decoration time), so kernel
+    modules that were imported earlier are reloaded, submodules before the package."""
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    for name in KERNEL_MODULES:
+        if name in sys.modules and not getattr(sys.modules.get("dllm_kernels.utils"), "INTERPRETED_AT_IMPORT", False):
+            importlib.reload(sys.modules[name])
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
