@@ -285,7 +285,7 @@ def main() -> int:
     except ImportError:
         print("bench_kernels: triton is not installed; `pip install triton` to time the kernels.")
         return 0
-    import dllm_kernels as K
+    from dllm import kernels as K
 
     torch.manual_seed(0)
     gpu = torch.cuda.get_device_name()

@@ -104,7 +104,7 @@ def matmul_slots(st: StageModel):
 
 
 def meta_int4(shape: tuple[int, int], dtype) -> Int4Weight:
-    import dllm_kernels as kernels
+    from dllm import kernels
 
     n_out, n_in = shape
     e = dict(device="meta")

@@ -23,9 +23,9 @@ import triton.language as tl  # noqa: E402
 
 import importlib  # noqa: E402
 
-W = importlib.import_module("dllm_kernels.w4a16_matmul")  # the package re-exports a function of that name
+W = importlib.import_module("dllm.kernels.w4a16_matmul")  # the package re-exports a function of that name
 _dq8_prod = W._dq8_asm
-from dllm_kernels.utils import cdiv  # noqa: E402
+from dllm.kernels.utils import cdiv  # noqa: E402
 
 
 # ---------------------------------------------------------------- variants

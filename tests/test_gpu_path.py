@@ -21,7 +21,7 @@ from tests.kernels import use_interpreter_without_gpu  # noqa: E402
 
 use_interpreter_without_gpu()
 
-import dllm_kernels as kernels  # noqa: E402
+from dllm import kernels  # noqa: E402
 from dllm.batch import SeqChunk  # noqa: E402
 from dllm.engine import Engine  # noqa: E402
 from dllm.model.cuda_graph import GraphRunner  # noqa: E402

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-import dllm_kernels as kernels
+from dllm import kernels
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch import nn
 
 from dllm.config import ModelConfig
 from dllm.errors import ConfigError
-import dllm_kernels as kernels
+from dllm import kernels
 from dllm.model.attention import AttentionMetadata, paged_attention, store_kv
 from dllm.model.quant import linear
 

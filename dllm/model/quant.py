@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dllm_kernels as kernels
+from dllm import kernels
 
 # Rows quantized per pass: the reference quantizer holds ~30 bytes of temporaries per weight,
 # so 8192 rows of a 5120-wide weight stay near 1.3 GB; the whole 55296-row gate_up of

@@ -128,7 +128,7 @@ class StageRunner:
 
         mask = offsets = None
         if any(c.parents is not None for c in chunks):
-            import dllm_kernels as kernels
+            from dllm import kernels
 
             mask, offsets = (dev(t, None) for t in kernels.pack_masks([chunk_mask(c) for c in chunks]))
         positions = [q for p in placed for q in p.positions]

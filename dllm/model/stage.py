@@ -317,6 +317,6 @@ class _Placeholder(nn.Module):
 
 def kernels_default() -> bool:
     """Triton ops when they can run here (CUDA + triton), unless DLLM_KERNELS=0."""
-    import dllm_kernels as kernels
+    from dllm import kernels
 
     return os.environ.get("DLLM_KERNELS", "1") != "0" and kernels.triton_available()

@@ -8,8 +8,8 @@ import sys
 
 import torch
 
-KERNEL_MODULES = ["dllm_kernels.utils", "dllm_kernels.paged_attention", "dllm_kernels.rmsnorm", "dllm_kernels.rope",
-                  "dllm_kernels.swiglu", "dllm_kernels.tree_attention", "dllm_kernels.w4a16_matmul", "dllm_kernels"]
+KERNEL_MODULES = ["dllm.kernels.utils", "dllm.kernels.paged_attention", "dllm.kernels.rmsnorm", "dllm.kernels.rope",
+                  "dllm.kernels.swiglu", "dllm.kernels.tree_attention", "dllm.kernels.w4a16_matmul", "dllm.kernels"]
 
 
 def use_interpreter_without_gpu() -> None:
@@ -20,7 +20,7 @@ def use_interpreter_without_gpu() -> None:
         return
     os.environ.setdefault("TRITON_INTERPRET", "1")
     for name in KERNEL_MODULES:
-        if name in sys.modules and not getattr(sys.modules.get("dllm_kernels.utils"), "INTERPRETED_AT_IMPORT", False):
+        if name in sys.modules and not getattr(sys.modules.get("dllm.kernels.utils"), "INTERPRETED_AT_IMPORT", False):
             importlib.reload(sys.modules[name])
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dllm_kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from dllm.kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 from tests.kernels import assert_close, make_paged_kv, to_dev
 
 # (n_heads, n_kv, head_dim, block_size, context_lens): GQA 3/7/1/8/4/5, odd head counts,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dllm_kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
+from dllm.kernels.rmsnorm import add_rmsnorm, add_rmsnorm_ref, rmsnorm, rmsnorm_ref
 from tests.kernels import DEVICE, assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dllm_kernels.rope import rope, rope_cache, rope_ref, rope_store_kv, rope_store_kv_ref
+from dllm.kernels.rope import rope, rope_cache, rope_ref, rope_store_kv, rope_store_kv_ref
 from tests.kernels import DEVICE, assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

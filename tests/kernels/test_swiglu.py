@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dllm_kernels.swiglu import swiglu, swiglu_ref
+from dllm.kernels.swiglu import swiglu, swiglu_ref
 from tests.kernels import DEVICE, assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dllm_kernels.tree_attention import pack_masks, tree_attention, tree_attention_ref
+from dllm.kernels.tree_attention import pack_masks, tree_attention, tree_attention_ref
 from tests.kernels import (
     ancestor_mask, assert_close, make_paged_kv, path_to_root, random_parents, to_dev,
 )

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dllm_kernels.w4a16_matmul import (
+from dllm.kernels.w4a16_matmul import (
     W4Packed, dequantize_w4_ref, quantize_w4, unpack_w4_ref, w4a16_matmul, w4a16_matmul_ref,
 )
 from tests.kernels import DEVICE, assert_close
