@@ -6,7 +6,7 @@ whole context (ctx_len tokens, the new ones last) through its block table.
 
 Two forms of the same metadata (the runner builds one of them):
 - kernel form (`block_tables` set): tensors on the model's device that the Triton kernels read
-  (kernels/paged_attention.py, kernels/tree_attention.py); no host sync, so a CUDA graph can
+  (dllm/kernels/paged_attention.py, tree_attention.py); no host sync, so a CUDA graph can
   replay it with the tensors updated in place;
 - torch form (`seqs`): one SeqAttention per sequence for SDPA, with explicit masks. It also
   serves sliding windows, which the kernels do not implement. Sequences that decode one token

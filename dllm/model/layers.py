@@ -6,7 +6,7 @@ Projections are fused at load time: q/k/v into one [q+2kv, H] weight and gate/up
 Activations are flat over tokens: [T, H].
 
 Each module has two paths with the same arithmetic: plain torch (CPU, `DLLM_KERNELS=0`) and the
-Triton ops of kernels/ (`use_kernels`, set by StageModel.set_kernels). The kernel path fuses
+Triton ops of dllm/kernels/ (`use_kernels`, set by StageModel.set_kernels). The kernel path fuses
 the residual add into the next RMSNorm, the qkv bias add, rope and the K/V cache write into one launch,
 and fuses SwiGLU; attention follows the metadata's form (dllm/model/attention.py).
 """

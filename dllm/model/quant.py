@@ -1,7 +1,7 @@
 """Int4 weights for the runtime: a W4Packed holder that acts as a matmul weight.
 
 `Int4Weight` replaces a dense [out, in] weight in Attention/MLP (see StageModel.quantize).
-Its buffers are the layout kernels/w4a16_matmul.py reads (qweight [in/8, out] int32, scales
+Its buffers are the layout dllm/kernels/w4a16_matmul.py reads (qweight [in/8, out] int32, scales
 [in/g, out], zeros [in/g, out] uint8, and the kernel's split-K counters): 0.52 bytes a weight instead of 2, which is what a
 memory-bound decode step streams. On CUDA the Triton W4A16 kernel runs; elsewhere (or with
 kernels off) the torch reference dequantizes and multiplies, so CPU results equal a dense

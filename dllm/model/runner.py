@@ -112,7 +112,7 @@ class StageRunner:
         return self._torch_meta(chunks, placed)
 
     def _kernel_meta(self, chunks: list[SeqChunk], placed: list[Placed]) -> AttentionMetadata:
-        """Tensors for kernels/: block_tables [S, max_blocks] int32, context_lens [S] int32,
+        """Tensors for dllm/kernels/: block_tables [S, max_blocks] int32, context_lens [S] int32,
         cu_seqlens_q [S+1] int32, packed masks (only when a tree is in the batch)."""
         device = self.model.device
         n_blocks = [self.blocks.blocks_needed(p.end) for p in placed]

@@ -8,7 +8,7 @@ The narrow interface every caller shares (engine, stage server, tests)::
 
 A stage built with ``from_pretrained`` reads only its own tensors from the checkpoint.
 
-On CUDA with triton the layers run the Triton ops of kernels/ (`use_kernels`); `DLLM_KERNELS=0`
+On CUDA with triton the layers run the Triton ops of dllm/kernels/ (`use_kernels`); `DLLM_KERNELS=0`
 or ``set_kernels(False)`` forces the torch path. ``quantize("int4"|"int8")`` turns every matmul weight
 (not the embedding lookup) into weight-only int4 / int8 (Triton W4A16 on CUDA, ATen's CPU kernels on
 CPU).
