@@ -177,9 +177,8 @@ class Engine:
             x = self.pipeline.forward(x, chunks)
         return x
 
-    def tree_shape(self) -> tuple[int, int | tuple[int, ...]]:
-        """(depth, width) of the next draft tree: the planner's choice, else the fixed one; width
-        is an int for every level or one per level (spec.tree.level_widths)."""
+    def tree_shape(self) -> tuple[int, int]:
+        """(depth, width) of the next draft tree: the planner's choice, else the fixed one."""
         return self.planner.shape() if self.planner is not None else (self.spec_depth, self.spec_width)
 
     def _draft(self, s: Sequence) -> DraftTree | None:

@@ -1,13 +1,12 @@
 """Drafters: propose a DraftTree of candidate continuations for a sequence's context.
 
 All drafters share one call, ``propose(seq_id, context, depth, width) -> DraftTree``, whose
-root is ``context[-1]``; ``width`` is an int for every level or one per level (spec.tree.level_widths). Drafts only ever change speed: the verify walk keeps the target's own
+root is ``context[-1]``. Drafts only ever change speed: the verify walk keeps the target's own
 tokens, so a bad drafter costs time, never correctness.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -17,11 +16,11 @@ from dllm.batch import SeqChunk
 from dllm.errors import ConfigError
 from dllm.model.runner import StageRunner
 from dllm.model.stage import StageModel
-from dllm.spec.tree import DraftTree, level_widths
+from dllm.spec.tree import DraftTree
 
 
 class Drafter(Protocol):
-    def propose(self, seq_id: int, context: list[int], depth: int, width: int | Sequence[int]) -> DraftTree: ...
+    def propose(self, seq_id: int, context: list[int], depth: int, width: int) -> DraftTree: ...
 
     def release(self, seq_id: int) -> None: ...
 
@@ -29,16 +28,15 @@ class Drafter(Protocol):
 class NgramDrafter:
     """Prompt lookup: continue the latest earlier occurrence of the context's suffix.
 
-    Needs no model; strong on code and on answers that quote the prompt. Up to ``width`` (its
-    widest level) distinct earlier matches become branches.
+    Needs no model; strong on code and on answers that quote the prompt. Up to ``width``
+    distinct earlier matches become branches.
     """
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, seq_id: int, context: list[int], depth: int, width: int | Sequence[int]) -> DraftTree:
+    def propose(self, seq_id: int, context: list[int], depth: int, width: int) -> DraftTree:
         tree = DraftTree.root(context[-1])
-        width = max(level_widths(depth, width), default=1)
         n_ctx = len(context)
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
             suffix = context[n_ctx - n:]
@@ -64,10 +62,8 @@ class NgramDrafter:
 class ModelDrafter:
     """A small local model with its own KV cache: a greedy chain plus top-k side leaves.
 
-    Each level costs one single-token draft step; the runner-up tokens at a level of width w
-    (its w - 1 best) are added as leaves so a miss on the main chain can still be rescued by a
-    sibling. Side leaves are worth most at the first levels, where the walk nearly always gets
-    (the planner gives each level its own width).
+    Each level costs one single-token draft step; the runner-up tokens at each level are added
+    as leaves so a miss on the main chain can still be rescued by a sibling.
     """
 
     def __init__(self, model: StageModel, kv_tokens: int = 8192, block_size: int = 16):
@@ -90,11 +86,10 @@ class ModelDrafter:
                                 [SeqChunk(seq_id, start, len(tokens))])
         return torch.log_softmax(self.model.logits(x[-1:])[0], dim=-1)
 
-    def propose(self, seq_id: int, context: list[int], depth: int, width: int | Sequence[int]) -> DraftTree:
+    def propose(self, seq_id: int, context: list[int], depth: int, width: int) -> DraftTree:
         tree = DraftTree.root(context[-1])
         if depth <= 0:
             return tree
-        widths = level_widths(depth, width)
         have = self.cached.get(seq_id, [])
         lcp = 0
         for a, b in zip(have, context):
@@ -106,7 +101,7 @@ class ModelDrafter:
         fed = list(context)
         node, score = 0, 0.0
         for level in range(depth):
-            top = torch.topk(logp, widths[level])
+            top = torch.topk(logp, max(1, width))
             toks, lps = top.indices.tolist(), top.values.tolist()
             main = tree.add(node, toks[0], score + lps[0])
             for t, lp in zip(toks[1:], lps[1:]):

@@ -2,21 +2,16 @@
 
 Sequoia-style cost model. One speculative pass costs
 
-    T(d, w, s) = draft(d) + verify(n)        with n = 1 + d + s * (w - 1) nodes,
+    T(d, w) = draft(d, w) + verify(n)        with n = 1 + d * w nodes,
     verify(n) = c0 + c1 * n                  (c0 holds the network round trip),
 
-for a main chain of depth d whose first s levels carry (w - 1) side leaves each, and commits
-E(d, w, s) tokens in expectation. The planner maximises E / T. With acceptance a1 for the main
-chain's next token and as for "a runner-up sibling is right when the main one is not":
+and commits E(d, w) tokens in expectation. The planner maximises E / T. With acceptance a1
+for the main chain's next token and as for "a runner-up sibling is right when the main one
+is not", the expected committed tokens of a chain of depth d with (w - 1) side leaves per level:
 
-    E = 1 + sum_{k=1..d} A_(k-1) * (a_k + (1 - a_k) * as * [k <= s]),    A_k = a_1 * ... * a_k
+    E = 1 + sum_{k=1..d} A_(k-1) * (a_k + (1 - a_k) * as_w),    A_k = a_1 * ... * a_k
 
-(1 for the bonus token; a side leaf ends the walk, so it adds one token and stops). A side
-leaf at level k costs one node wherever it is but is reached with probability A_(k-1) only,
-so side leaves pay first at the top of the tree: on a slow verifier (a CPU target, where a
-node costs ~2% of a pass) the best shape is often a deep chain with siblings on its first
-few levels, not width at every level. The shape is (depth, width) with width an int for
-every level or one per level (spec.tree.level_widths). a_k is
+(1 for the bonus token; a side leaf ends the walk, so it adds one token and stops), with a_k
 the main child's acceptance at depth k, measured per depth (it is not one constant: misses
 cluster) and shrunk toward the overall rate a1 where a depth has few observations. Higher RTT
 raises c0, which makes each pass dearer and favours deeper and wider trees; a poor drafter
@@ -34,10 +29,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
-
-from dllm.spec.tree import level_widths
 
 DRAFT_WINDOW = 15  # recent draft steps whose median is the draft-step cost
 
@@ -137,33 +129,31 @@ class TreePlanner:
         hits, trials = self._level[k - 1]
         return (hits + self.prior_weight * self.a1) / (trials + self.prior_weight)
 
-    def expected_tokens(self, depth: int, width: int | Sequence[int]) -> float:
+    def expected_tokens(self, depth: int, width: int) -> float:
+        side = self.a_side if width > 1 else 0.0
         total, reach = 1.0, 1.0
-        for k, w in enumerate(level_widths(depth, width), 1):
+        for k in range(1, depth + 1):
             a = self.level_acceptance(k)
-            total += reach * (a + (1 - a) * (self.a_side if w > 1 else 0.0))
+            total += reach * (a + (1 - a) * side)
             reach *= a
         return total
 
-    def pass_time(self, depth: int, width: int | Sequence[int]) -> float:
+    def pass_time(self, depth: int, width: int) -> float:
         c0, c1 = self.verify_fit.coef(self.prior_verify)
-        return self.draft_step * depth + c0 + c1 * (1 + sum(level_widths(depth, width)))
+        return self.draft_step * depth + c0 + c1 * (1 + depth * width)
 
-    def _best(self) -> tuple[int, int | tuple[int, ...]]:
-        """Search depth d, width w and the number s of leading levels that get the side leaves."""
+    def _best(self) -> tuple[int, int]:
         best, best_rate = (0, 1), 1.0 / self.pass_time(0, 1)
         for d in range(1, self.max_depth + 1):
             for w in range(1, self.max_width + 1):
-                for s in range(d, 0, -1) if w > 1 else (d,):
-                    width = w if s == d else (w,) * s + (1,) * (d - s)
-                    if 1 + d + s * (w - 1) > self.max_nodes:
-                        continue
-                    rate = self.expected_tokens(d, width) / self.pass_time(d, width)
-                    if rate > best_rate * 1.0001:
-                        best, best_rate = (d, width), rate
+                if 1 + d * w > self.max_nodes:
+                    continue
+                rate = self.expected_tokens(d, w) / self.pass_time(d, w)
+                if rate > best_rate * 1.0001:
+                    best, best_rate = (d, w), rate
         return best
 
-    def shape(self) -> tuple[int, int | tuple[int, ...]]:
+    def shape(self) -> tuple[int, int]:
         """(depth, width) for the next pass. When drafting does not pay, still probe a depth-1
         draft every 4th pass so a drafter that improves (new context, new topic) is noticed soon
         (a probe costs one draft step and one more row); when chains win, still probe side leaves
@@ -172,6 +162,6 @@ class TreePlanner:
         depth, width = self._shape
         if depth == 0 and self._calls % 4 == 0:
             return (1, 1)
-        if depth > 0 and max(level_widths(depth, width)) == 1 and self.max_width > 1 and self._calls % 16 == 8:
+        if depth > 0 and width == 1 and self.max_width > 1 and self._calls % 16 == 8:
             return (depth, 2)
         return self._shape

@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
 
 import torch
 
@@ -21,7 +20,7 @@ from dllm.net.crypto import Identity, PeerAddress
 from dllm.net.link import Link, LinkClosed
 from dllm.net.loop import BackgroundLoop
 from dllm.net.wire import Frame, FrameKind
-from dllm.spec.tree import DraftTree, level_widths
+from dllm.spec.tree import DraftTree
 
 log = logging.getLogger("dllm.forest")
 
@@ -125,11 +124,9 @@ class ForestDrafter:
                                             vocab_size, max_nodes, emulate_rtt_ms) for a in remotes]
         self.deadline_s, self.max_nodes = deadline_s, max_nodes
 
-    def propose(self, seq_id: int, context: list[int], depth: int, width: int | Sequence[int]) -> DraftTree:
-        wide = max(level_widths(depth, width), default=1)  # the wire carries one width
-
+    def propose(self, seq_id: int, context: list[int], depth: int, width: int) -> DraftTree:
         async def ask():
-            return await asyncio.gather(*(r.request(seq_id, context, depth, wide) for r in self.remotes))
+            return await asyncio.gather(*(r.request(seq_id, context, depth, width) for r in self.remotes))
 
         t_end = time.monotonic() + self.deadline_s
         try:

@@ -12,17 +12,7 @@ drafts were.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-
-def level_widths(depth: int, width: int | Sequence[int]) -> list[int]:
-    """Branching per level of a draft of ``depth`` levels: ``width`` is one int for every level,
-    or one per level (missing levels are chains, extra ones are dropped). A level of width w
-    holds the main child and w - 1 side leaves."""
-    if isinstance(width, int):
-        return [max(1, width)] * depth
-    return [max(1, int(w)) for w in width[:depth]] + [1] * (depth - len(width))
 
 
 @dataclass
