@@ -8,20 +8,24 @@ import sys
 
 import torch
 
-KERNEL_MODULES = ["dllm.kernels.utils", "dllm.kernels.paged_attention", "dllm.kernels.rmsnorm", "dllm.kernels.rope",
-                  "dllm.kernels.swiglu", "dllm.kernels.tree_attention", "dllm.kernels.w4a16_matmul", "dllm.kernels"]
-
 
 def use_interpreter_without_gpu() -> None:
     """Without CUDA, run the Triton kernels through triton's interpreter. TRITON_INTERPRET must be
     set before `@triton.jit` runs (triton picks the interpreter at decoration time), so kernel
-    modules that were imported earlier are reloaded, submodules before the package."""
+    modules imported before it was set are reloaded: utils first (the ops import from it), the
+    package that re-exports them last. Whether to reload is decided once, from utils as it was
+    first imported (reloading it flips INTERPRETED_AT_IMPORT)."""
     if torch.cuda.is_available():
         return
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    for name in KERNEL_MODULES:
-        if name in sys.modules and not getattr(sys.modules.get("dllm.kernels.utils"), "INTERPRETED_AT_IMPORT", False):
+    utils = sys.modules.get("dllm.kernels.utils")
+    if utils is None or utils.INTERPRETED_AT_IMPORT:
+        return
+    ops = sorted(n for n in sys.modules if n.startswith("dllm.kernels.") and n != "dllm.kernels.utils")
+    for name in ["dllm.kernels.utils", *ops, "dllm.kernels"]:
+        if name in sys.modules:
             importlib.reload(sys.modules[name])
+
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -2,8 +2,9 @@
 
 TRITON_INTERPRET must be set before `@triton.jit` runs (triton picks the interpreter at
 decoration time), so it is set here, and any `dllm.kernels` module that another test
-directory imported earlier is reloaded (tests.kernels.use_interpreter_without_gpu). Tests marked `triton` are skipped when triton
-is not importable; the reference-vs-independent tests still run.
+directory imported earlier is reloaded (tests.kernels.use_interpreter_without_gpu). Tests
+marked `triton` are skipped when triton is not importable; the reference-vs-independent
+tests still run.
 """
 
 import pytest
