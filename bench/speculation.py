@@ -165,7 +165,7 @@ def main() -> None:
             peers = [str(a) for a in c.addresses]
             results = {}
             for mode, kw in [("greedy", {}), ("chain", {"drafter": drafter, "spec_depth": args.chain_depth}),
-                             ("tree", {"drafter": drafter, "planner": TreePlanner(max_depth=8, max_width=3)})]:
+                             ("tree", {"drafter": drafter, "planner": TreePlanner(max_depth=12, max_width=3)})]:
                 eng = chain_engine(target, peers, (0, cut), emulate_rtt_ms=rtt, kv_tokens=2048, dtype=args.dtype,
                                    quant=args.quant, **kw)
                 try:

@@ -177,22 +177,24 @@ class Engine:
             x = self.pipeline.forward(x, chunks)
         return x
 
-    def tree_shape(self) -> tuple[int, int]:
-        """(depth, width) of the next draft tree: the planner's choice, else the fixed one."""
-        return self.planner.shape() if self.planner is not None else (self.spec_depth, self.spec_width)
+    def tree_bounds(self):
+        """(depth, width, growth rule or None) of the next draft tree: the planner's choice,
+        else the fixed shape."""
+        return self.planner.next_tree() if self.planner is not None else (self.spec_depth, self.spec_width, None)
 
     def _draft(self, s: Sequence) -> DraftTree | None:
         """A draft tree for a decode-ready sequence, or None for a plain one-token step."""
         if self.drafter is None:
             return None
-        depth, width = self.tree_shape()
+        depth, width, growth = self.tree_bounds()
         depth = min(depth, s.params.max_tokens - len(s.output) - 1)
         if depth <= 0:
             return None
         t0 = time.perf_counter()
-        tree = self.drafter.propose(s.seq_id, s.tokens, depth, width)
+        tree = self.drafter.propose(s.seq_id, s.tokens, depth, width, growth=growth)
         if self.planner is not None and s.drafted:  # a first proposal's time is mostly the prompt's prefill
-            self.planner.observe_draft(depth, time.perf_counter() - t0)
+            # a model drafter steps once a level (a grown tree may stop short of ``depth``)
+            self.planner.observe_draft(max(tree.depths()) if growth is not None else depth, time.perf_counter() - t0)
         s.drafted = True
         return tree if len(tree) > 1 else None
 

@@ -21,7 +21,7 @@ class RandomTreeDrafter:
         self.rng, self.vocab, self.oracle, self.p_right, self.max_nodes = rng, vocab, oracle, p_right, max_nodes
         self.wrong = wrong
 
-    def propose(self, seq_id, context, depth, width):
+    def propose(self, seq_id, context, depth, width, growth=None):
         tree = DraftTree.root(context[-1])
         for _ in range(self.rng.randint(1 if self.wrong else 0, self.max_nodes)):
             parent = self.rng.randrange(len(tree))
@@ -157,7 +157,7 @@ def test_speculative_sampling_matches_target_distribution(tiny_models):
     top = torch.topk(p1, 3).indices.tolist()
 
     class Fixed:
-        def propose(self, seq_id, context, depth, width):
+        def propose(self, seq_id, context, depth, width, growth=None):
             t = DraftTree.root(context[-1])
             for tok in top:
                 t.add(0, tok)
@@ -273,3 +273,95 @@ def test_planner_measures_acceptance_per_depth():
     for n in (2, 3, 5):
         p.observe_verify(n, 0.05 + 0.001 * n)
     assert p._best() == (1, 1), p._best()
+
+
+def test_growth_rule_is_the_marginal_value_test():
+    from dllm.spec.planner import GrowthRule
+
+    g = GrowthRule(rate=10.0, node_cost=0.005, step_cost=0.015)  # 10 tok/s, 5 ms a node, 15 ms a step
+    assert g.worth_node(0.05) and not g.worth_node(0.049)  # 0.05 tokens for 5 ms = 10 tok/s
+    assert g.worth_step(0.2) and not g.worth_step(0.19)  # a step and its node: 20 ms
+
+
+def test_planner_growth_rule_uses_the_measured_rate_and_never_a_free_node():
+    from dllm.spec.planner import TreePlanner
+
+    p = TreePlanner(prior_a1=0.8, ema=0.05)
+    tree = DraftTree.chain(0, [1, 2, 3, 4])
+    for _ in range(20):  # passes of 4 committed tokens (3 drafts + bonus) in 10 + 40 ms
+        p.observe_draft(4, 0.010)
+        p.observe(tree, [0, 1, 2, 3])
+        p.observe_verify(5, 0.040)
+    g = p.growth()
+    assert abs(g.rate - 4 / 0.050) < 1e-6, g.rate
+    assert abs(g.step_cost - 0.0025) < 1e-9
+    assert g.node_cost >= 0.002 * 0.04 * 0.99  # one node count only: the slope is unknown, not zero
+    depth, width, rule = p.next_tree()
+    assert (depth, width) == (p.max_depth, p.max_width) and rule == g
+    # a static planner, or one that plans plain steps, hands out no rule
+    assert TreePlanner(dynamic=False).next_tree()[2] is None
+    hopeless = TreePlanner(prior_a1=0.02, ema=0.0)
+    for n in (1, 5, 9):
+        hopeless.observe_verify(n, 0.01 * n)
+    assert hopeless.next_tree()[2] is None
+
+
+def test_model_drafter_grows_its_tree_by_the_rule(tiny_models):
+    """Every node a grown tree holds is worth its verify cost by the draft's own path probability,
+    drafting stops where the main path is not worth a step, and a rule that accepts everything
+    (rate 0) gives exactly the fixed-shape tree."""
+    from dllm.spec.planner import GrowthRule
+
+    d, _ = tiny_models["qwen2"]
+    stage = StageModel.from_pretrained(d)
+    ctx = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    fixed = ModelDrafter(stage, 1024, 4).propose(0, ctx, 6, 3)
+    everything = ModelDrafter(stage, 1024, 4).propose(0, ctx, 6, 3, growth=GrowthRule(0.0, 0.001, 0.001))
+    assert (everything.tokens, everything.parents) == (fixed.tokens, fixed.parents)
+    assert len(ModelDrafter(stage, 1024, 4).propose(0, ctx, 6, 3, growth=GrowthRule(1e9, 1.0, 1.0))) == 1
+    def main_chain(tree):
+        chain, node = [], 0
+        while kids := tree.children(node):
+            node = kids[0]
+            chain.append(node)
+        return chain
+
+    fixed_chain = main_chain(fixed)
+    probs = sorted(math.exp(s) for s in fixed.scores[1:])
+    for q in probs[len(probs) // 3], probs[len(probs) // 2]:  # thresholds that cut inside the tree
+        rule = GrowthRule(1.0, q / 2, q / 2)  # node: q / 2, step: q
+        tree = ModelDrafter(stage, 1024, 4).propose(0, ctx, 6, 3, growth=rule)
+        assert 1 < len(tree) < len(fixed)
+        assert all(rule.worth_node(math.exp(s)) for s in tree.scores[1:])
+        chain = main_chain(tree)
+        assert [tree.tokens[i] for i in chain] == [fixed.tokens[i] for i in fixed_chain[:len(chain)]]
+        assert all(rule.worth_step(math.exp(tree.scores[i])) for i in chain[:-1])
+        if len(chain) < 6:  # it stopped: no step was worth it, or the next main node was not
+            assert not rule.worth_step(math.exp(tree.scores[chain[-1]])) \
+                or not rule.worth_node(math.exp(fixed.scores[fixed_chain[len(chain)]]))
+
+
+def test_dynamic_trees_keep_greedy_on_a_real_model():
+    """SmolLM2 drafting for itself with planner-grown trees over a 2-stage split: the output is
+    plain greedy's, and the trees really grew (deeper than one level, wider than a chain)."""
+    from dllm.spec.planner import TreePlanner
+    from tests.models import model_dir_or_skip
+
+    d = model_dir_or_skip("smollm2")
+    whole = StageModel.from_pretrained(d)
+    prompt = whole_prompt = [1, 504, 3458, 282, 4649, 314, 4265, 30, 198]  # "The capital of France is"-like ids
+    ref = Engine(StageRunner.for_tokens(whole, 512, 16)).generate_all(whole_prompt, SamplingParams(max_tokens=40))
+    head, rest = build(d, [(0, 15), (15, 30)])
+    shapes = []
+
+    class Recording(ModelDrafter):
+        def propose(self, *a, **kw):
+            t = super().propose(*a, **kw)
+            shapes.append((max(t.depths()), len(t)))
+            return t
+
+    drafter = Recording(StageModel.from_pretrained(d, layers=range(0, 8)), 1024, 16)  # a shallow, cheap self-draft
+    eng = Engine(StageRunner.for_tokens(head, 1024, 16), LocalPipeline(rest), drafter=drafter,
+                 planner=TreePlanner(max_depth=10, max_width=3))
+    assert eng.generate_all(prompt, SamplingParams(max_tokens=40)) == ref
+    assert max(dep for dep, _ in shapes) > 1 and any(n > dep + 1 for dep, n in shapes), shapes

@@ -1,12 +1,15 @@
 """Drafters: propose a DraftTree of candidate continuations for a sequence's context.
 
-All drafters share one call, ``propose(seq_id, context, depth, width) -> DraftTree``, whose
-root is ``context[-1]``. Drafts only ever change speed: the verify walk keeps the target's own
-tokens, so a bad drafter costs time, never correctness.
+All drafters share one call, ``propose(seq_id, context, depth, width, growth=None) -> DraftTree``,
+whose root is ``context[-1]``; ``depth`` and ``width`` bound the tree, and a ``GrowthRule``
+(dllm.spec.planner) lets a drafter that knows its own probabilities stop short of them. Drafts
+only ever change speed: the verify walk keeps the target's own tokens, so a bad drafter costs
+time, never correctness.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -16,11 +19,13 @@ from dllm.batch import SeqChunk
 from dllm.errors import ConfigError
 from dllm.model.runner import StageRunner
 from dllm.model.stage import StageModel
+from dllm.spec.planner import GrowthRule
 from dllm.spec.tree import DraftTree
 
 
 class Drafter(Protocol):
-    def propose(self, seq_id: int, context: list[int], depth: int, width: int) -> DraftTree: ...
+    def propose(self, seq_id: int, context: list[int], depth: int, width: int,
+                growth: GrowthRule | None = None) -> DraftTree: ...
 
     def release(self, seq_id: int) -> None: ...
 
@@ -29,13 +34,15 @@ class NgramDrafter:
     """Prompt lookup: continue the latest earlier occurrence of the context's suffix.
 
     Needs no model; strong on code and on answers that quote the prompt. Up to ``width``
-    distinct earlier matches become branches.
+    distinct earlier matches become branches. It has no probabilities, so a growth rule does
+    not apply: it proposes what the context holds, up to ``depth``.
     """
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, seq_id: int, context: list[int], depth: int, width: int) -> DraftTree:
+    def propose(self, seq_id: int, context: list[int], depth: int, width: int,
+                growth: GrowthRule | None = None) -> DraftTree:
         tree = DraftTree.root(context[-1])
         n_ctx = len(context)
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):
@@ -63,7 +70,9 @@ class ModelDrafter:
     """A small local model with its own KV cache: a greedy chain plus top-k side leaves.
 
     Each level costs one single-token draft step; the runner-up tokens at each level are added
-    as leaves so a miss on the main chain can still be rescued by a sibling.
+    as leaves so a miss on the main chain can still be rescued by a sibling. With a growth rule,
+    a candidate is kept only when its path probability (under the draft) is worth a verified
+    node, and drafting goes one level deeper only while the main path's is worth a step.
     """
 
     def __init__(self, model: StageModel, kv_tokens: int = 8192, block_size: int = 16):
@@ -86,7 +95,8 @@ class ModelDrafter:
                                 [SeqChunk(seq_id, start, len(tokens))])
         return torch.log_softmax(self.model.logits(x[-1:])[0], dim=-1)
 
-    def propose(self, seq_id: int, context: list[int], depth: int, width: int) -> DraftTree:
+    def propose(self, seq_id: int, context: list[int], depth: int, width: int,
+                growth: GrowthRule | None = None) -> DraftTree:
         tree = DraftTree.root(context[-1])
         if depth <= 0:
             return tree
@@ -99,17 +109,21 @@ class ModelDrafter:
         start = min(lcp, len(context) - 1)  # the root must be fed to get its logits
         logp = self._step(seq_id, start, context[start:])
         fed = list(context)
-        node, score = 0, 0.0
+        node, score = 0, 0.0  # score: the draft's log-probability of the path root..node
         for level in range(depth):
             top = torch.topk(logp, max(1, width))
             toks, lps = top.indices.tolist(), top.values.tolist()
+            if growth is not None and not growth.worth_node(math.exp(score + lps[0])):
+                break
             main = tree.add(node, toks[0], score + lps[0])
             for t, lp in zip(toks[1:], lps[1:]):
-                tree.add(node, t, score + lp)
+                if growth is None or growth.worth_node(math.exp(score + lp)):
+                    tree.add(node, t, score + lp)
             node, score = main, score + lps[0]
-            if level + 1 < depth:
-                logp = self._step(seq_id, len(fed), [toks[0]])
-                fed.append(toks[0])
+            if level + 1 == depth or (growth is not None and not growth.worth_step(math.exp(score))):
+                break
+            logp = self._step(seq_id, len(fed), [toks[0]])
+            fed.append(toks[0])
         self.cached[seq_id] = fed
         return _main_chain_first(tree)
 

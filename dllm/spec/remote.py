@@ -124,7 +124,9 @@ class ForestDrafter:
                                             vocab_size, max_nodes, emulate_rtt_ms) for a in remotes]
         self.deadline_s, self.max_nodes = deadline_s, max_nodes
 
-    def propose(self, seq_id: int, context: list[int], depth: int, width: int) -> DraftTree:
+    def propose(self, seq_id: int, context: list[int], depth: int, width: int, growth=None) -> DraftTree:
+        """Remote drafters are asked for the full ``depth`` x ``width``; ``growth`` (a GrowthRule)
+        shapes the local tree only."""
         async def ask():
             return await asyncio.gather(*(r.request(seq_id, context, depth, width) for r in self.remotes))
 
@@ -133,7 +135,7 @@ class ForestDrafter:
             futs = self.bg.call(ask(), self.deadline_s + 5)
         except Exception:
             futs = [None] * len(self.remotes)
-        tree = self.local.propose(seq_id, context, depth, width) if self.local is not None else DraftTree.root(context[-1])
+        tree = self.local.propose(seq_id, context, depth, width, growth) if self.local is not None else DraftTree.root(context[-1])
 
         async def collect():
             live = [f for f in futs if f is not None]
