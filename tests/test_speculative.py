@@ -296,6 +296,7 @@ def test_planner_growth_rule_uses_the_measured_rate_and_never_a_free_node():
     assert abs(g.rate - 4 / 0.050) < 1e-6, g.rate
     assert abs(g.step_cost - 0.0025) < 1e-9
     assert g.node_cost >= 0.002 * 0.04 * 0.99  # one node count only: the slope is unknown, not zero
+    assert (g.depth, g.width) == p._shape  # the planned shape, for drafters without probabilities
     depth, width, rule = p.next_tree()
     assert (depth, width) == (p.max_depth, p.max_width) and rule == g
     # a static planner, or one that plans plain steps, hands out no rule
@@ -304,6 +305,16 @@ def test_planner_growth_rule_uses_the_measured_rate_and_never_a_free_node():
     for n in (1, 5, 9):
         hopeless.observe_verify(n, 0.01 * n)
     assert hopeless.next_tree()[2] is None
+
+
+def test_ngram_drafter_keeps_to_the_planned_shape_under_a_rule():
+    from dllm.spec.planner import GrowthRule
+
+    ctx = [1, 2, 3, 4, 5, 6, 7, 1, 2, 9, 9, 1, 2]  # "1 2" seen twice before: two branches
+    free = NgramDrafter().propose(0, ctx, 12, 4)
+    assert max(free.depths()) > 2 and len(free.children(0)) == 2
+    ruled = NgramDrafter().propose(0, ctx, 12, 4, growth=GrowthRule(1.0, 0.01, 0.01, depth=2, width=1))
+    assert max(ruled.depths()) == 2 and len(ruled.children(0)) == 1
 
 
 def test_model_drafter_grows_its_tree_by_the_rule(tiny_models):

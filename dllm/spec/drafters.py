@@ -34,8 +34,8 @@ class NgramDrafter:
     """Prompt lookup: continue the latest earlier occurrence of the context's suffix.
 
     Needs no model; strong on code and on answers that quote the prompt. Up to ``width``
-    distinct earlier matches become branches. It has no probabilities, so a growth rule does
-    not apply: it proposes what the context holds, up to ``depth``.
+    distinct earlier matches become branches. It has no probabilities, so under a growth rule
+    it keeps to the rule's planned shape.
     """
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1):
@@ -43,6 +43,8 @@ class NgramDrafter:
 
     def propose(self, seq_id: int, context: list[int], depth: int, width: int,
                 growth: GrowthRule | None = None) -> DraftTree:
+        if growth is not None:
+            depth, width = min(depth, growth.depth), min(width, growth.width)
         tree = DraftTree.root(context[-1])
         n_ctx = len(context)
         for n in range(min(self.max_ngram, n_ctx - 1), self.min_ngram - 1, -1):

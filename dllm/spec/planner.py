@@ -52,11 +52,15 @@ RATE_EMA = 0.1  # weight of the newest pass in the measured tokens/s that growth
 @dataclass(frozen=True)
 class GrowthRule:
     """How far a drafter grows this pass's tree (see the module doc). Probabilities are the
-    draft's own path probabilities (product of its softmax along the path)."""
+    draft's own path probabilities (product of its softmax along the path). A drafter without
+    probabilities (n-gram lookup, a remote drafter asked over the wire) keeps to the planned
+    shape instead."""
 
     rate: float       # tokens/s a pass achieves now: R
     node_cost: float  # s one more verified node costs: c1
     step_cost: float  # s one more draft step costs
+    depth: int = 1    # the planner's shape for the pass, for drafters that cannot use the rule
+    width: int = 1
 
     def worth_node(self, q: float) -> bool:
         """Verify a node whose path the draft gives probability ``q``."""
@@ -212,7 +216,7 @@ class TreePlanner:
         c0, c1 = self.verify_fit.coef(self.prior_verify)
         # a fit over a few node counts can read a flat (or noisy negative, clamped to 0) slope;
         # no node is free, and a zero cost would grow every tree to max_nodes
-        return GrowthRule(self.rate(), max(c1, NODE_COST_FLOOR * c0), self.draft_step)
+        return GrowthRule(self.rate(), max(c1, NODE_COST_FLOOR * c0), self.draft_step, *self._shape)
 
     def next_tree(self) -> tuple[int, int, GrowthRule | None]:
         """(depth, width, growth rule) bounding the next pass's tree. When drafting pays and the

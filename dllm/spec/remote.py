@@ -125,10 +125,12 @@ class ForestDrafter:
         self.deadline_s, self.max_nodes = deadline_s, max_nodes
 
     def propose(self, seq_id: int, context: list[int], depth: int, width: int, growth=None) -> DraftTree:
-        """Remote drafters are asked for the full ``depth`` x ``width``; ``growth`` (a GrowthRule)
-        shapes the local tree only."""
+        """``growth`` (a GrowthRule) shapes the local tree; remote drafters are asked for its
+        planned shape (the wire carries a shape, not a rule)."""
+        ask_depth, ask_width = (depth, width) if growth is None else (min(depth, growth.depth), min(width, growth.width))
+
         async def ask():
-            return await asyncio.gather(*(r.request(seq_id, context, depth, width) for r in self.remotes))
+            return await asyncio.gather(*(r.request(seq_id, context, ask_depth, ask_width) for r in self.remotes))
 
         t_end = time.monotonic() + self.deadline_s
         try:
