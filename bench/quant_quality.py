@@ -105,14 +105,17 @@ def bench_model(name: str, prompts: list[list[dict]]) -> dict:
 
 
 def int4_by_kind(model_dir, ids: list[int], fp32_ppl: float) -> dict:
-    """Relative perplexity increase with one matmul kind alone in int4 (the rest fp32): where
-    the int4 loss comes from, and so what keeping a kind in int8 would buy."""
+    """Relative perplexity increase with one matmul kind alone in int4 (the rest fp32, the
+    activation-weighted search as the int4 mode runs it): where the int4 loss comes from, and so
+    what keeping a kind in int8 buys (the int4 mode keeps q|k|v in int8)."""
     from dllm.eval import perplexity
+    from dllm.model.calibrate import load_importance
     from dllm.model.stage import MATMUL_KINDS, StageModel
 
-    out = {}
-    for kind in MATMUL_KINDS:
-        stage = StageModel.from_pretrained(model_dir, dtype=torch.float32).quantize("int4", kinds=(kind,))
+    out, importance = {}, load_importance(model_dir)
+    for kind in MATMUL_KINDS:  # each kind in int4 as the recipe quantizes it, q|k|v included
+        stage = StageModel.from_pretrained(model_dir, dtype=torch.float32).quantize(
+            "int4", kinds=(kind,), importance=importance, int8_kinds=())
         out[kind] = round(perplexity(stage, ids) / fp32_ppl - 1, 4)
         del stage
         gc.collect()

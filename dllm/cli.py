@@ -478,6 +478,19 @@ def fetch(name, dtype):
 
 
 @main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+def calibrate(model_dir):
+    """Measure the activation importance int4 weighs its rounding by (a whole dense model dir;
+    dllm fetch does it for the models it knows). Writes MODEL_DIR/importance.safetensors."""
+    from dllm.model.calibrate import write_importance
+
+    try:
+        click.echo(str(write_importance(model_dir)))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@main.command()
 @click.option("--model", "models", multiple=True, default=[DEFAULT_MODEL], show_default=True)
 @click.option("--prompt-tokens", default=128, show_default=True, type=int)
 @click.option("--new-tokens", default=64, show_default=True, type=int)

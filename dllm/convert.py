@@ -160,10 +160,11 @@ def shard_entries(source, names: list[str], dtype: str, quant: str | None = None
     torch_dtype = DTYPES[dtype][0]
     entries, memo = [], {}
 
-    def part(src: str, p: str):
+    def part(src: str, out: str, p: str):
         def load():
             if memo.get("name") != src:  # the parts of one weight are written one after another
-                memo.update(name=src, parts=quantized.quantize_tensor(source.load(src), quant, group))
+                memo.update(name=src, parts=quantized.quantize_tensor(source.load(src),
+                                                                      quantized.tensor_mode(out, quant), group))
             return memo["parts"][p]
         return load
 
@@ -174,8 +175,9 @@ def shard_entries(source, names: list[str], dtype: str, quant: str | None = None
         src, _, out = name.partition(" as ")
         out = out or src
         if quant is not None and quantized.is_matmul_weight(out):
-            for p, (shape, dt) in quantized.stored_shapes(tuple(source.shape(src)), quant, group).items():
-                entries.append(Entry(f"{quantized.base_name(out)}.{p}", shape, dt, part(src, p)))
+            mode = quantized.tensor_mode(out, quant)
+            for p, (shape, dt) in quantized.stored_shapes(tuple(source.shape(src)), mode, group).items():
+                entries.append(Entry(f"{quantized.base_name(out)}.{p}", shape, dt, part(src, out, p)))
         else:
             entries.append(Entry(out, list(source.shape(src)), torch_dtype,
                                  lambda src=src: source.load(src).to(torch_dtype)))

@@ -205,13 +205,23 @@ def ensure_model(name: str, dtype: str = "float32") -> Path:
     spec = _spec(name)
     out = model_dir(name, dtype)
     with _locked(f"model-{name}-{dtype}"):
-        if _model_ready(out, spec, dtype):
-            return out
-        gguf = ensure_gguf(name)
-        from dllm.convert import convert  # imported late: torch is not needed to resolve a path
-        _say(f"converting {gguf.name} to {dtype} in {out}")
-        convert(gguf, out, stages=1, dtype=dtype, progress=True, overwrite=True)
+        if not _model_ready(out, spec, dtype):
+            gguf = ensure_gguf(name)
+            from dllm.convert import convert  # imported late: torch is not needed to resolve a path
+            _say(f"converting {gguf.name} to {dtype} in {out}")
+            convert(gguf, out, stages=1, dtype=dtype, progress=True, overwrite=True)
+        _ensure_importance(out)
     return out
+
+
+def _ensure_importance(out: Path) -> None:
+    """The activation importance int4 quantization weighs its rounding by (dllm/model/calibrate.py),
+    measured once per converted model."""
+    from dllm.model.calibrate import IMPORTANCE_FILE, write_importance
+
+    if not (out / IMPORTANCE_FILE).is_file():
+        _say(f"measuring activation importance for int4 in {out}")
+        write_importance(out)
 
 
 def _model_ready(out: Path, spec: ModelSpec, dtype: str) -> bool:
@@ -261,4 +271,5 @@ def model_path(name_or_path: str | Path, dtype: str = "float32") -> Path:
 
             _say(f"converting {p.name} to {dtype} in {out}")
             convert(p, out, stages=1, dtype=dtype, progress=True, overwrite=True)
+        _ensure_importance(out)
     return out

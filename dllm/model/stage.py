@@ -30,10 +30,11 @@ from dllm.model.cpu_quant import CpuInt4Weight, Int8Weight
 from dllm.model.quant import Int4Weight, PackedWeight, linear
 from dllm.weights.loader import load_tensors
 from dllm.weights.manifest import Manifest
-from dllm.weights.quantized import fused_weight, stored_names
+from dllm.weights.quantized import INT4_INT8_KINDS, fused_weight, stored_names
 
 QUANTIZED = (Int4Weight, CpuInt4Weight, Int8Weight)
 MATMUL_KINDS = ("qkv", "o", "gate_up", "down", "head")
+CPU_INT4_INT8_KINDS = INT4_INT8_KINDS  # q|k|v stay int8 under CPU int4 (why: weights/quantized.py)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -94,8 +95,17 @@ class StageModel(nn.Module):
         if self.has_head:
             yield "head", self, "lm_head"
 
+    def slot_keys(self):
+        """A name per matmul_slots entry that holds across stage splits: "layers.{i}.{kind}" with
+        i the model's layer index, and "head" (the keys of importance and the quantized cache)."""
+        for i in self.layer_range:
+            yield from (f"layers.{i}.{kind}" for kind in MATMUL_KINDS[:4])
+        if self.has_head:
+            yield "head"
+
     def quantize(self, mode: str = "int4", group: int | None = None, backend: str = "auto",
-                 kinds=MATMUL_KINDS) -> "StageModel":
+                 kinds=MATMUL_KINDS, importance: dict | None = None, int8_kinds=None,
+                 cache_dir: Path | None = None) -> "StageModel":
         """Replace every matmul weight (qkv, o, gate_up, down, the head; not the embedding lookup)
         by a quantized one, one at a time so each dense copy is freed before the next.
 
@@ -105,7 +115,14 @@ class StageModel(nn.Module):
         elsewhere); "cpu" = ATen's weight-only CPU kernels (dllm/model/cpu_quant.py); "auto" =
         "cpu" on a CPU model, "w4a16" otherwise. A tied head gets its own quantized copy.
         kinds: only the matmuls of these kinds (MATMUL_KINDS; bench/quant_quality.py measures
-        what each kind alone costs)."""
+        what each kind alone costs).
+        importance: {slot key: [in]} (dllm/model/calibrate.py) for the CPU backend's
+        activation-weighted int4 search; without it int4 rounds to nearest.
+        int8_kinds: kinds kept int8 under CPU int4 (default CPU_INT4_INT8_KINDS).
+        cache_dir: a quant_cache entry to read slots from and write them to."""
+        from dllm.model import quant_cache
+        from dllm.weights.quantized import cpu_weight, quantize_tensor
+
         if mode not in ("int4", "int8"):
             raise ValueError(f"unknown quantization {mode!r}; choose int4 or int8")
         if backend == "auto":
@@ -117,14 +134,21 @@ class StageModel(nn.Module):
         unknown = set(kinds) - set(MATMUL_KINDS)
         if unknown:
             raise ValueError(f"unknown matmul kinds {sorted(unknown)}; known: {', '.join(MATMUL_KINDS)}")
+        int8_kinds = (CPU_INT4_INT8_KINDS if int8_kinds is None else tuple(int8_kinds)) if mode == "int4" else ()
+        importance = importance or {}
 
-        def make(dense: torch.Tensor) -> nn.Module:
+        def make(key: str, kind: str, dense: torch.Tensor) -> nn.Module:
             if backend == "w4a16":
                 return Int4Weight.from_dense(dense, group or 128)
-            return Int8Weight.from_dense(dense) if mode == "int8" else CpuInt4Weight.from_dense(dense, group or 32)
+            slot_mode = "int8" if kind in int8_kinds else mode
+            parts = quant_cache.load_parts(cache_dir, key)
+            if parts is None:
+                parts = quantize_tensor(dense, slot_mode, group or 32, importance.get(key))
+                quant_cache.save_parts(cache_dir, key, parts)
+            return cpu_weight(parts, slot_mode, key)
 
-        self._replace_matmuls(lambda kind, w: None if kind not in kinds or isinstance(w, QUANTIZED) else
-                              make(w.dense() if isinstance(w, PackedWeight) else w.data))
+        self._replace_matmuls(lambda key, kind, w: None if kind not in kinds or isinstance(w, QUANTIZED) else
+                              make(key, kind, w.dense() if isinstance(w, PackedWeight) else w.data))
         self.quant = mode
         return self.set_kernels(self.use_kernels)
 
@@ -138,19 +162,19 @@ class StageModel(nn.Module):
         if self.device.type != "cpu" or self.dtype != torch.float32 or not PackedWeight.available():
             return self  # bf16 goes through oneDNN already
 
-        self._replace_matmuls(lambda kind, w: PackedWeight(w.data)
+        self._replace_matmuls(lambda key, kind, w: PackedWeight(w.data)
                               if isinstance(w, torch.Tensor) and w.dim() == 2 else None)
         return self
 
     def _replace_matmuls(self, make) -> None:
-        """For every matmul slot, install ``make(kind, weight)`` in its place unless it returns
+        """For every matmul slot, install ``make(key, kind, weight)`` in its place unless it returns
         None; one slot at a time, so each old weight can be freed before the next is built. A
         tied head's weight is the embedding's (the new module is the head's own copy)."""
-        for kind, module, name in list(self.matmul_slots()):
+        for key, (kind, module, name) in list(zip(self.slot_keys(), self.matmul_slots())):
             w = getattr(module, name)
             if kind == "head" and w is None:
                 w = self.embed_tokens.weight
-            new = make(kind, w)
+            new = make(key, kind, w)
             if new is None:
                 continue
             if hasattr(module, name):
@@ -256,7 +280,13 @@ class StageModel(nn.Module):
         stage.load_state(tensors, stored)
         del tensors
         if stored is None and quant is not None:
-            return stage.quantize(quant)
+            from dllm.model import quant_cache
+            from dllm.model.calibrate import load_importance
+
+            importance = load_importance(model_dir) if quant == "int4" and stage.device.type == "cpu" else None
+            recipe = {"mode": quant, "group": 32, "int8_kinds": list(CPU_INT4_INT8_KINDS), "version": 1}
+            cache = quant_cache.entry_dir(model_dir, recipe) if stage.device.type == "cpu" else None
+            return stage.quantize(quant, importance=importance, cache_dir=cache)
         return stage.optimize_cpu_layout()
 
     def _drop_dense_matmuls(self) -> None:
