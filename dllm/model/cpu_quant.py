@@ -100,8 +100,11 @@ def quantize_int4(w: torch.Tensor, group: int = 32, importance: torch.Tensor | N
     sum_i imp_i * sqrt(mean(w^2) + w_i^2) * (w_i - w'_i)^2 (llama.cpp's imatrix weighting), searched
     over ``steps`` + 1 grids of 15 +- 1.5 levels across the range, each refit by weighted least
     squares (never worse than round-to-nearest under that weight: the plain grid is one of them).
-    Measured on Qwen2.5-Coder-0.5B (mostly Q5_0 source), perplexity over fp32: license text
-    +14.4% -> +12.9%, held-out code +6.6% -> +1.9% (bench/quant_quality.py has the whole models)."""
+    Measured on Qwen2.5-Coder-0.5B (mostly Q5_0 source), every matmul int4, perplexity over fp32:
+    bench/data/perplexity_sample.txt +14.4% -> +12.9%, held-out code (dllm/engine.py and
+    dllm/net/stage_server.py) +6.6% -> +1.9%; bench/quant_quality.py measures the int4 mode itself.
+    More steps are not better: 40 gave +13.5% where 20 gave +12.0% (the int4 mode, 512 tokens of
+    the sample)."""
     n_out, n_in = w.shape
     g = fit_group(n_in, group)
     if importance is None:
