@@ -100,3 +100,16 @@ def test_int4_load_uses_importance_and_cache(llama_dir, monkeypatch, tmp_path):
         assert torch.equal(logits(StageModel.from_pretrained(llama_dir, quant="int4")), logits(weighted))
     finally:
         (llama_dir / IMPORTANCE_FILE).unlink()
+
+
+def test_calibrate_cli_refuses_a_quantized_checkpoint(tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from dllm.cli import main
+
+    d, _ = tiny_models["llama"]
+    out = tmp_path / "q8"
+    convert(d, out, progress=False, quant="int8")
+    r = CliRunner().invoke(main, ["calibrate", str(out)])
+    assert r.exit_code != 0 and "importance is measured on dense weights" in r.output
+    assert not (out / IMPORTANCE_FILE).exists()
