@@ -15,7 +15,7 @@ dllm cache and install the cached wheel afterwards:
     python -m bench.cpu_fast_path [--models smollm2,qwen-coder-0.5b] [--new-tokens 64]
 
 Without it the llama.cpp columns are null and the benchmark says so. The result records
-llama.cpp's own system info (the SIMD paths its build uses) and the CPU's model name. On an
+llama.cpp's own system info (the SIMD paths its build uses; the CPU's model name is in "machine"). On an
 Intel Xeon with AMX, llama.cpp 0.3.36's native build (AVX-512 + AMX) segfaulted in its first
 decode; an AVX2 build runs there (slower than a working native build would be, which flatters
 the ratio):
@@ -147,16 +147,6 @@ def bench_model(name: str, lcpp, prompt_tokens: int, new_tokens: int, threads: i
     return row
 
 
-def cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -182,7 +172,7 @@ def main(argv=None):
     payload = {"benchmark": "cpu-fast-path", "threads": args.threads, "target_ratio": TARGET,
                "repeats": args.repeats, "statistic": "best of repeats (medians alongside)",
                "load_1min_before": load_before,
-               "llamacpp": getattr(lcpp, "__version__", None), "cpu_model": cpu_model(),
+               "llamacpp": getattr(lcpp, "__version__", None),
                "llamacpp_system_info": lcpp.llama_print_system_info().decode().strip() if lcpp else None,
                "models": rows}
     if lcpp is None:

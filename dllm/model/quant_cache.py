@@ -18,25 +18,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dllm.fetch import cache_dir
 from dllm.weights.manifest import Manifest
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("DLLM_CACHE", Path.home() / ".cache" / "dllm")) / "quant"
-
-
-def entry_dir(model_dir: str | Path, recipe: dict) -> Path | None:
-    """The cache directory for this checkpoint + recipe, or None for a checkpoint without a manifest
-    (nothing to key it by: it is quantized at every load)."""
+def entry_dir(model_dir: str | Path, manifest: Manifest | None, recipe: dict) -> Path | None:
+    """The cache directory for this checkpoint (its ``manifest``) + recipe, or None for a
+    checkpoint without a manifest (nothing to key it by: it is quantized at every load)."""
     from dllm.model.calibrate import importance_digest
 
-    manifest = Manifest.load(model_dir)
     if manifest is None:
         return None
     shards = {f: e["sha256"] for f, e in sorted(manifest.files.items()) if f.endswith(".safetensors")}
     blob = json.dumps({"recipe": recipe, "shards": shards, "importance": importance_digest(model_dir)},
                       sort_keys=True)
-    return cache_root() / hashlib.sha256(blob.encode()).hexdigest()[:24]
+    return cache_dir() / "quant" / hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def load_parts(directory: Path | None, slot: str) -> dict[str, torch.Tensor] | None:

@@ -34,7 +34,6 @@ from dllm.weights.quantized import INT4_INT8_KINDS, fused_weight, stored_names
 
 QUANTIZED = (Int4Weight, CpuInt4Weight, Int8Weight)
 MATMUL_KINDS = ("qkv", "o", "gate_up", "down", "head")
-CPU_INT4_INT8_KINDS = INT4_INT8_KINDS  # q|k|v stay int8 under CPU int4 (why: weights/quantized.py)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -118,7 +117,7 @@ class StageModel(nn.Module):
         what each kind alone costs).
         importance: {slot key: [in]} (dllm/model/calibrate.py) for the CPU backend's
         activation-weighted int4 search; without it int4 rounds to nearest.
-        int8_kinds: kinds kept int8 under CPU int4 (default CPU_INT4_INT8_KINDS).
+        int8_kinds: kinds kept int8 under CPU int4 (default INT4_INT8_KINDS, why: weights/quantized.py).
         cache_dir: a quant_cache entry to read slots from and write them to."""
         from dllm.model import quant_cache
         from dllm.weights.quantized import cpu_weight, quantize_tensor
@@ -134,7 +133,7 @@ class StageModel(nn.Module):
         unknown = set(kinds) - set(MATMUL_KINDS)
         if unknown:
             raise ValueError(f"unknown matmul kinds {sorted(unknown)}; known: {', '.join(MATMUL_KINDS)}")
-        int8_kinds = (CPU_INT4_INT8_KINDS if int8_kinds is None else tuple(int8_kinds)) if mode == "int4" else ()
+        int8_kinds = (INT4_INT8_KINDS if int8_kinds is None else tuple(int8_kinds)) if mode == "int4" else ()
         importance = importance or {}
 
         def make(key: str, kind: str, dense: torch.Tensor) -> nn.Module:
@@ -284,8 +283,8 @@ class StageModel(nn.Module):
             from dllm.model.calibrate import load_importance
 
             importance = load_importance(model_dir) if quant == "int4" and stage.device.type == "cpu" else None
-            recipe = {"mode": quant, "group": 32, "int8_kinds": list(CPU_INT4_INT8_KINDS), "version": 1}
-            cache = quant_cache.entry_dir(model_dir, recipe) if stage.device.type == "cpu" else None
+            recipe = {"mode": quant, "group": 32, "int8_kinds": list(INT4_INT8_KINDS), "version": 1}
+            cache = quant_cache.entry_dir(model_dir, manifest, recipe) if stage.device.type == "cpu" else None
             return stage.quantize(quant, importance=importance, cache_dir=cache)
         return stage.optimize_cpu_layout()
 
