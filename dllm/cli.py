@@ -452,11 +452,16 @@ def plan(model, shape, gpus, quant, context, reserve, draft_gib):
 @click.option("--quant", default=None, type=click.Choice(["int8", "int4"]),
               help="Store the matmul weights quantized: int8 per row, or int4 in groups of --group columns.")
 @click.option("--group", default=32, show_default=True, type=int, help="int4 group size: 32, 64, 128 or 256.")
-def convert(src, out, stages, split, dtype, quant, group):
+@click.option("--importance", default=None, type=click.Path(dir_okay=False),
+              help="int4: weigh rounding by this importance.safetensors (default: the source dir's own).")
+@click.option("--calibrate", is_flag=True,
+              help="int4: with no importance at hand, measure it first (a dense pass over the calibration text).")
+def convert(src, out, stages, split, dtype, quant, group, importance, calibrate):
     """Convert an HF directory or a GGUF file into per-stage safetensors shards + manifest."""
     from dllm.convert import convert as do_convert
 
-    m = do_convert(src, out, stages=stages, split=split, dtype=dtype, quant=quant, group=group)
+    m = do_convert(src, out, stages=stages, split=split, dtype=dtype, quant=quant, group=group,
+                   importance=importance, calibrate=calibrate)
     click.echo(f"wrote {out}: {len(m.stages)} stage(s) {m.split()}, dtype {m.dtype}, quant {_quant_text(m.quant)}")
 
 
@@ -464,7 +469,9 @@ def _quant_text(q: dict | None) -> str:
     """A manifest's "quant" entry as the convert summaries print it."""
     if not q:
         return "none"
-    return q["mode"] + (f" (group {q['group']})" if q["mode"] == "int4" else "")
+    if q["mode"] != "int4":
+        return q["mode"]
+    return f"int4 (group {q['group']}, " + ("activation-weighted)" if q.get("importance_sha256") else "round to nearest)")
 
 
 @main.command()

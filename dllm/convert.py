@@ -151,10 +151,13 @@ ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
 
 
 def shard_entries(source, names: list[str], dtype: str, quant: str | None = None, group: int = 32,
-                  head_stage: bool = False) -> list[Entry]:
+                  head_stage: bool = False, importance: dict | None = None) -> list[Entry]:
     """The tensors one stage's shard holds. Dense names are cast to ``dtype``; with ``quant`` the
     matmul weights become their quantized parts (dllm/weights/quantized.py), each quantized once,
-    and the head stage of a tied model gets its own lm_head.* parts from the embedding."""
+    and the head stage of a tied model gets its own lm_head.* parts from the embedding.
+    ``importance`` ({slot key: [in]}, dllm/model/calibrate.py) makes int4 the activation-weighted
+    search, the same parts the runtime's quantize gives the same weights (rows are quantized
+    independently, so q, k and v alone equal their fused q|k|v)."""
     from dllm.weights import quantized
 
     torch_dtype = DTYPES[dtype][0]
@@ -163,8 +166,9 @@ def shard_entries(source, names: list[str], dtype: str, quant: str | None = None
     def part(src: str, out: str, p: str):
         def load():
             if memo.get("name") != src:  # the parts of one weight are written one after another
+                imp = importance.get(quantized.slot_key(out)) if importance else None
                 memo.update(name=src, parts=quantized.quantize_tensor(source.load(src),
-                                                                      quantized.tensor_mode(out, quant), group))
+                                                                      quantized.tensor_mode(out, quant), group, imp))
             return memo["parts"][p]
         return load
 
@@ -221,13 +225,22 @@ def _write_text(path: Path, data: str | bytes) -> None:
 
 
 def convert(src, out, stages: int = 1, split=None, dtype: str = "float32", progress: bool = True,
-            overwrite: bool = False, quant: str | None = None, group: int = 32) -> Manifest:
+            overwrite: bool = False, quant: str | None = None, group: int = 32,
+            importance: str | Path | None = None, calibrate: bool = False,
+            calibration_ids: list[int] | None = None) -> Manifest:
     """Convert SRC (GGUF file or HF dir) into OUT; returns the saved Manifest.
 
     dtype defaults to float32: GGUF weights dequantize to exact fp32 values, and rounding them to
     fp16 moves logits by more than the 1e-3 we hold against the HF oracle. ``quant`` ("int8" /
     "int4", group-wise with ``group`` columns) stores the matmul weights quantized
     (dllm/weights/quantized.py); dtype then applies to the embedding and norms.
+
+    int4 weighs its rounding by activation importance (dllm/model/calibrate.py) when it has one:
+    ``importance`` (an importance.safetensors), else the source dir's own (``dllm calibrate`` or
+    ``dllm fetch`` wrote it), else, with ``calibrate``, one measured here: the source is first
+    converted dense (fp32) into a scratch dir beside OUT and run on the calibration text. Without
+    any, int4 rounds to nearest. The manifest's "quant" records the importance file's sha256.
+    ``calibration_ids`` replaces the calibration text's tokens (tests: models with no tokenizer).
     """
     if dtype not in DTYPES:
         raise ConfigError(f"unsupported --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -242,16 +255,23 @@ def convert(src, out, stages: int = 1, split=None, dtype: str = "float32", progr
     out = Path(out)
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"output {out} already exists and is not empty (remove it or pass overwrite)")
+    if (importance is not None or calibrate) and quant != "int4":
+        raise ConfigError("importance and calibration weigh int4's rounding: they need --quant int4")
     source = open_source(src)
     cfg = source.config
     ranges = plan_stages(cfg.num_layers, stages, split)
     source.check_supported()  # fail on an unsupported quant type before writing anything
+    imp_path = _importance_path(source, importance) if quant == "int4" else None
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     tmp.mkdir()
     try:
-        manifest = _convert_into(tmp, source, cfg, ranges, dtype, progress, quant, group)
+        if imp_path is None and calibrate:
+            source, imp_path = _calibrated_source(src, tmp / "dense", progress, calibration_ids)
+        imp = _load_importance(imp_path, source)
+        manifest = _convert_into(tmp, source, cfg, ranges, dtype, progress, quant, group, imp_path, imp)
+        shutil.rmtree(tmp / "dense", ignore_errors=True)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -259,8 +279,54 @@ def convert(src, out, stages: int = 1, split=None, dtype: str = "float32", progr
     return manifest
 
 
+def _importance_path(source, importance: str | Path | None) -> Path | None:
+    """The importance file int4 uses: the one named, else the source dir's own, else None."""
+    from dllm.model.calibrate import IMPORTANCE_FILE
+
+    if importance is not None:
+        p = Path(importance)
+        if not p.is_file():
+            raise ConfigError(f"importance file {p} does not exist (dllm calibrate DIR writes DIR/{IMPORTANCE_FILE})")
+        return p
+    own = Path(source.path) / IMPORTANCE_FILE
+    return own if source.kind == "hf" and own.is_file() else None
+
+
+def _load_importance(path: Path | None, source) -> dict | None:
+    """The importance file's vectors, checked against the source's matmul weights (one [in]
+    vector per slot; a tied head's is the embedding's width)."""
+    if path is None:
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from dllm.weights.quantized import is_matmul_weight, slot_key
+
+    try:
+        imp = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"importance file {path} cannot be read: {e}") from None
+    for name in source.tensor_names():
+        if is_matmul_weight(name):
+            key, n_in = slot_key(name), source.shape(name)[1]
+            if key not in imp or tuple(imp[key].shape) != (n_in,):
+                got = tuple(imp[key].shape) if key in imp else "nothing"
+                raise ConfigError(f"importance file {path} does not fit this model: {key} needs [{n_in}], "
+                                  f"the file has {got} (measure it on this model: dllm calibrate DIR)")
+    return imp
+
+
+def _calibrated_source(src, dense_dir: Path, progress: bool, ids: list[int] | None):
+    """Convert ``src`` dense (fp32) into ``dense_dir`` and measure its importance there:
+    (that dir as the source, its importance file)."""
+    from dllm.model.calibrate import write_importance
+
+    convert(src, dense_dir, progress=progress)
+    return open_source(dense_dir), write_importance(dense_dir, ids)
+
+
 def _convert_into(tmp: Path, source, cfg, ranges, dtype: str, progress: bool, quant: str | None = None,
-                  group: int = 32) -> Manifest:
+                  group: int = 32, imp_path: Path | None = None, importance: dict | None = None) -> Manifest:
     names = source.tensor_names()
     n = len(ranges)
     files = [f"stage-{i:02d}-of-{n:02d}.safetensors" for i in range(n)]
@@ -270,13 +336,18 @@ def _convert_into(tmp: Path, source, cfg, ranges, dtype: str, progress: bool, qu
     extra = {"config.json": json.dumps(cfg.to_hf(), indent=2) + "\n", **tokenizer_files(source)}
     for fname, data in extra.items():
         _write_text(tmp / fname, data)
-    entries = [shard_entries(source, ns, dtype, quant, group, head_stage=(i == 0)) for i, ns in enumerate(by_stage)]
+    from dllm.model.calibrate import importance_digest
+
+    entries = [shard_entries(source, ns, dtype, quant, group, head_stage=(i == 0), importance=importance)
+               for i, ns in enumerate(by_stage)]
     total = 0
     with tqdm(total=sum(map(len, entries)), desc=f"convert {Path(source.path).name}", unit="tensor",
               disable=not progress, file=sys.stderr) as bar:
         for fname, stage_entries in zip(files, entries):
             total += write_shard(tmp / fname, stage_entries, bar)
     qinfo = {"mode": quant, "group": group} if quant else None
+    if qinfo and imp_path is not None:
+        qinfo["importance_sha256"] = importance_digest(imp_path)
     index = {"metadata": {"total_size": total, "format": "dllm", "dtype": dtype, **({"quant": qinfo} if quant else {})},
              "weight_map": {e.name: files[i] for i, es in enumerate(entries) for e in es}}
     _write_text(tmp / INDEX_NAME, json.dumps(index, indent=2) + "\n")

@@ -113,3 +113,103 @@ def test_calibrate_cli_refuses_a_quantized_checkpoint(tiny_models, tmp_path):
     r = CliRunner().invoke(main, ["calibrate", str(out)])
     assert r.exit_code != 0 and "importance is measured on dense weights" in r.output
     assert not (out / IMPORTANCE_FILE).exists()
+
+
+def same_matmuls(a: StageModel, b: StageModel) -> bool:
+    """Every matmul slot of two quantized stages holds bit-identical buffers."""
+    return all(all(torch.equal(x, y) for x, y in zip(getattr(ma, na).buffers(), getattr(mb, nb).buffers()))
+               for (_, ma, na), (_, mb, nb) in zip(a.matmul_slots(), b.matmul_slots()))
+
+
+def test_int4_convert_uses_importance_and_equals_the_runtime(llama_dir, monkeypatch, tmp_path):
+    from dllm.model.calibrate import importance_digest
+    from dllm.weights.manifest import Manifest
+
+    monkeypatch.setenv("DLLM_CACHE", str(tmp_path / "cache"))
+    write_importance(llama_dir, ids=[(5 * i) % 89 for i in range(40)])
+    try:
+        m = convert(llama_dir, tmp_path / "q4", progress=False, quant="int4", stages=2)  # the dir's own importance
+        assert m.quant["importance_sha256"] == importance_digest(llama_dir) != ""
+        assert Manifest.load(tmp_path / "q4").quant == m.quant
+        runtime = StageModel.from_pretrained(llama_dir, quant="int4")
+        converted = StageModel.from_pretrained(tmp_path / "q4")
+        assert same_matmuls(converted, runtime)  # q, k, v quantized alone = their fused q|k|v
+        assert torch.equal(logits(converted), logits(runtime))
+        rtn = convert(llama_dir, tmp_path / "rtn", progress=False, quant="int4",
+                      importance=_rtn_importance(tmp_path, llama_dir))
+        assert not same_matmuls(StageModel.from_pretrained(tmp_path / "rtn"), runtime)
+        assert rtn.quant["importance_sha256"] != m.quant["importance_sha256"]
+    finally:
+        (llama_dir / IMPORTANCE_FILE).unlink()
+
+
+def _rtn_importance(tmp_path, model_dir):
+    """An importance file of all ones: weights every column alike (not the measured one)."""
+    from safetensors.torch import save_file
+
+    imp = load_importance(model_dir)
+    path = tmp_path / "flat.safetensors"
+    save_file({k: torch.ones_like(v) for k, v in imp.items()}, str(path))
+    return path
+
+
+def test_convert_calibrate_measures_importance_first(tiny_models, tmp_path, monkeypatch):
+    import shutil
+
+    from dllm.errors import ConfigError
+    from dllm.model import calibrate
+
+    src, _ = tiny_models["llama"]  # an HF dir with no importance
+    ids = [(3 * i) % 97 for i in range(40)]
+    measured, measure = [], calibrate.write_importance
+
+    def keep_copy(model_dir, ids=None):  # the scratch dir goes away: keep what was measured there
+        path = measure(model_dir, ids)
+        measured.append((model_dir, shutil.copy(path, tmp_path / "measured.safetensors")))
+        return path
+
+    monkeypatch.setattr(calibrate, "write_importance", keep_copy)
+    m = convert(src, tmp_path / "q4", progress=False, quant="int4", calibrate=True, calibration_ids=ids)
+    monkeypatch.undo()
+    [(scratch, copy)] = measured
+    assert scratch.name == "dense" and scratch.parent.parent == tmp_path  # measured inside OUT's scratch dir
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["measured.safetensors", "q4"]  # no scratch dir left
+    assert not (tmp_path / "q4" / "dense").exists() and "dense" not in str(m.files)
+    # measured on the dense model, then used: the same as converting with that file by hand
+    by_hand = convert(src, tmp_path / "by-hand", progress=False, quant="int4", importance=copy)
+    assert by_hand.quant == m.quant
+    assert same_matmuls(StageModel.from_pretrained(tmp_path / "q4"), StageModel.from_pretrained(tmp_path / "by-hand"))
+    imp = copy
+    with pytest.raises(ConfigError, match="need --quant int4"):
+        convert(src, tmp_path / "q8", progress=False, quant="int8", calibrate=True)
+    with pytest.raises(ConfigError, match="does not exist"):
+        convert(src, tmp_path / "x", progress=False, quant="int4", importance=tmp_path / "missing.safetensors")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        convert(src, tmp_path / "y", progress=False, quant="int4", importance=tmp_path / "bad.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    other = {k: v[:-1] if k == "layers.1.down" else v for k, v in load_file(str(imp)).items()}
+    save_file(other, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ConfigError, match=r"does not fit this model: layers\.1\.down needs"):
+        convert(src, tmp_path / "z", progress=False, quant="int4", importance=tmp_path / "other.safetensors")
+    assert not any((tmp_path / n).exists() for n in "xyz")
+
+
+def test_convert_cli_importance_and_calibrate_flags(llama_dir, tiny_models, tmp_path):
+    from click.testing import CliRunner
+
+    from dllm.cli import main
+
+    write_importance(llama_dir, ids=[(5 * i) % 89 for i in range(40)])
+    try:
+        imp = tmp_path / "imp.safetensors"
+        imp.write_bytes((llama_dir / IMPORTANCE_FILE).read_bytes())
+        src, _ = tiny_models["llama"]
+        r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "q4"), "--quant", "int4", "--importance", str(imp)])
+        assert r.exit_code == 0, r.output
+        assert "quant int4 (group 32, activation-weighted)" in r.output
+        r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "q8"), "--quant", "int8", "--importance", str(imp)])
+        assert r.exit_code != 0 and "need --quant int4" in r.output and not (tmp_path / "q8").exists()
+    finally:
+        (llama_dir / IMPORTANCE_FILE).unlink()

@@ -115,7 +115,7 @@ def test_manifest_records_quant(quantized, dense):
 def test_split_quantized_checkpoint_loads_per_stage(hf_dirs, quantized, tmp_path):
     d = tmp_path / "split"
     r = cli_convert(hf_dirs["llama"], d, "--stages", "2", "--quant", "int4")
-    assert "2 stage(s)" in r.output and "quant int4 (group 32)" in r.output
+    assert "2 stage(s)" in r.output and "quant int4 (group 32, round to nearest)" in r.output
     m = Manifest.load(d)
     assert m.split() == [(0, 2), (2, 4)] and m.quant == {"mode": "int4", "group": 32}
     s0 = StageModel.from_pretrained(d, layers=range(2), embed=True, head=True)

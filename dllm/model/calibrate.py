@@ -105,7 +105,9 @@ def load_importance(model_dir: str | Path) -> dict[str, torch.Tensor] | None:
     return load_file(str(path)) if path.is_file() else None
 
 
-def importance_digest(model_dir: str | Path) -> str:
-    """sha256 of the importance file ('' when absent): part of a quantized cache entry's key."""
-    path = Path(model_dir) / IMPORTANCE_FILE
+def importance_digest(path: str | Path) -> str:
+    """sha256 of a model dir's importance file, or of the importance file ``path`` ('' when
+    absent): part of a quantized cache entry's key, and recorded by a calibrated convert."""
+    path = Path(path)
+    path = path / IMPORTANCE_FILE if path.is_dir() else path
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""

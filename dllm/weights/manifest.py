@@ -7,7 +7,7 @@ Format (``"format": "dllm-manifest/1"``)::
       "source": {"kind": "gguf" | "hf", "name": "...", "sha256": "..."},
       "dtype": "float32",
       "num_layers": 30,
-      "quant": {"mode": "int4", "group": 128},      (only in a quantized checkpoint, dllm/weights/quantized.py)
+      "quant": {"mode": "int4", "group": 32, "importance_sha256": "…"},  (only in a quantized checkpoint, dllm/weights/quantized.py; the sha256 only when int4 was activation-weighted)
       "stages": [{"file": "stage-00-of-02.safetensors", "layers": [0, 15], "embed": true, "head": true},
                  {"file": "stage-01-of-02.safetensors", "layers": [15, 30], "embed": false, "head": false}],
       "files": {"stage-00-of-02.safetensors": {"sha256": "…", "bytes": 123}, "config.json": {…}, …}

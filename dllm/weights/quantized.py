@@ -48,6 +48,21 @@ def base_name(name: str) -> str:
     return name[: -len(".weight")]
 
 
+_SLOT_RE = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn\.([qkvo])_proj|mlp\.(gate|up|down)_proj)\.weight$")
+_SLOT_KIND = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
+
+
+def slot_key(name: str) -> str:
+    """The runtime's slot key (StageModel.slot_keys: importance and quant-cache keys) of HF matmul
+    weight ``name``: q/k/v share "layers.{i}.qkv", gate/up "layers.{i}.gate_up"; the head is "head"."""
+    if name == "lm_head.weight":
+        return "head"
+    m = _SLOT_RE.match(name)
+    if m is None:
+        raise ValueError(f"{name} is not a matmul weight")
+    return f"layers.{m.group(1)}.{_SLOT_KIND[m.group(2) or m.group(3)]}"
+
+
 def tensor_mode(name: str, mode: str) -> str:
     """How HF weight ``name`` is stored in a ``mode`` checkpoint: int4 keeps q/k/v in int8."""
     return "int8" if mode == "int4" and "qkv" in INT4_INT8_KINDS and _QKV_RE.search(name) else mode
