@@ -12,6 +12,14 @@ Runs alternate single, chain, single, …, single (64 tokens each): ``single_tok
 drift of a shared machine better than the difference of the medians (also given, as
 ``overhead_ms_beyond_rtt_from_medians``, with every run's ms/token).
 
+``idle_penalty_ms`` separates what the link costs from what waiting costs: the same single
+process with an idle pass of RTT ms (``IdleWait``: a Pipeline that only spins, as BusyPoll does,
+then hands x back) after its layers, runs alternating with the plain single process; its ms/token
+minus the plain one's minus RTT is what the compute loses to the wait alone (on a VM whose host
+shares its L3 with other tenants, a 50 ms pause costs ~1 ms of the next pass here, with a spin,
+a pure user-space loop or a sleep alike). ``overhead_ms_beyond_rtt_and_idle`` is the chain's
+overhead minus that penalty: the link's own cost.
+
 Both processes busy-poll while they wait (dllm.net.loop, DLLM_BUSY_POLL_MS, default 250 ms;
 ``--busy-poll-ms 0`` measures blocking waits instead). Other processes on the same cores skew
 both sides: the result records the 1-minute load average before each RTT's runs and the CPU
@@ -40,6 +48,23 @@ from dllm.launch import chain_engine, local_engine
 from dllm.net.local_cluster import LocalCluster
 from dllm.sampling import SamplingParams
 from dllm.tokenizer import Tokenizer
+
+
+class IdleWait:
+    """A Pipeline that stands for the network without one: each pass waits ``wait_s`` (spinning
+    with sched_yield, as BusyPoll waits) and returns x unchanged."""
+
+    def __init__(self, wait_s: float):
+        self.wait_s = wait_s
+
+    def forward(self, x, chunks):
+        end = time.perf_counter() + self.wait_s
+        while time.perf_counter() < end:
+            os.sched_yield()
+        return x
+
+    def free(self, seq_id: int) -> None:
+        pass
 
 
 def one_rate(engine, ids, new_tokens) -> float:
@@ -119,6 +144,7 @@ def main() -> None:
     model_dir = model_path(args.model)
     ids = prompt_ids(Tokenizer.from_dir(model_dir), args.prompt_tokens)
     single_engine = local_engine(model_dir, kv_tokens=1024)
+    idle_engine = local_engine(model_dir, kv_tokens=1024)
     n = ModelConfig.from_dir(model_dir).num_layers
     cut = n // 2
     rows = {}
@@ -130,6 +156,9 @@ def main() -> None:
                 single_ms, chain_ms = interleaved_runs(single_engine, eng, ids, args.new_tokens, args.repeats)
             finally:
                 eng.pipeline.close()
+        idle_engine.pipeline = IdleWait(rtt / 1000)
+        single_ms2, idle_ms = interleaved_runs(single_engine, idle_engine, ids, args.new_tokens, args.repeats)
+        idle_penalty = paired_overhead_ms(single_ms2, idle_ms) - rtt
         single, chain = 1000 / statistics.median(single_ms), 1000 / statistics.median(chain_ms)
         over = paired_overhead_ms(single_ms, chain_ms) - rtt
         rows[f"rtt_{int(rtt)}ms"] = {"rtt_ms": rtt, "single_tok_s": round(single, 2), "chain_tok_s": round(chain, 2),
@@ -139,9 +168,13 @@ def main() -> None:
                                      "overhead_ms_beyond_rtt_from_medians": round(1000 / chain - 1000 / single - rtt, 2),
                                      "single_ms_runs": [round(v, 2) for v in single_ms],
                                      "chain_ms_runs": [round(v, 2) for v in chain_ms],
+                                     "idle_penalty_ms": round(idle_penalty, 2),
+                                     "overhead_ms_beyond_rtt_and_idle": round(over - idle_penalty, 2),
+                                     "idle_ms_runs": [round(v, 2) for v in idle_ms],
+                                     "single_ms_runs_beside_idle": [round(v, 2) for v in single_ms2],
                                      **meter.done()}
         print(f"rtt {rtt:>4.0f} ms: single {single:6.2f} tok/s  chain {chain:6.2f} tok/s  "
-              f"overhead beyond RTT {over:+.2f} ms/token  (load {rows[f'rtt_{int(rtt)}ms']['load_1min_before']}, "
+              f"overhead beyond RTT {over:+.2f} ms/token, of which waiting alone {idle_penalty:+.2f}  (load {rows[f'rtt_{int(rtt)}ms']['load_1min_before']}, "
               f"other processes {rows[f'rtt_{int(rtt)}ms']['other_cpu_cores']} cores)")
     load = whole.done()
     quiet = all(r["other_cpu_cores"] < 0.2 for r in rows.values())
