@@ -813,5 +813,175 @@ def swap_sweep():
     _config_sweep("w4_swap_sweep.json", "swap", lambda x, p, cfg: launch("dot_swap", x, p, cfg), Ms, grid)
 
 
+# ---------------------------------------------------------------- tile-major layout
+# qweight stored [N // BN, K // 8, BN]: each program's [G8, BN] tiles are one contiguous run
+# down the whole K range (scales / zeros likewise [N // BN, K // group, BN]), so a program
+# streams contiguous memory instead of 512-byte pieces `out` words apart.
+def tile_pack(p, bn):
+    n, k8 = p.out_features, p.in_features // 8
+    groups = p.in_features // p.group
+    qt = p.qweight.view(k8, n // bn, bn).permute(1, 0, 2).contiguous()
+    st = p.scales.view(groups, n // bn, bn).permute(1, 0, 2).contiguous()
+    zt = p.zeros.view(groups, n // bn, bn).permute(1, 0, 2).contiguous()
+    return qt, st, zt
+
+
+@triton.jit
+def _load_only_tiled(qw_ptr, s_ptr, z_ptr, out_ptr, N, k_steps_per_split, k_steps,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    G8: tl.constexpr = BLOCK_K // 8
+    cn = tl.arange(0, BLOCK_N)
+    rkp = tl.arange(0, G8)
+    q_ptrs = qw_ptr + pid_n.to(tl.int64) * (k_steps * G8 * BLOCK_N) + rkp[:, None] * BLOCK_N + cn[None, :]
+    sz_off = pid_n.to(tl.int64) * (k_steps * BLOCK_N) + cn
+    acc = tl.zeros([G8, BLOCK_N], dtype=tl.int32)
+    accf = tl.zeros([BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (G8 * BLOCK_N))
+        s = tl.load(s_ptr + sz_off + kb * BLOCK_N).to(tl.float32)
+        z = tl.load(z_ptr + sz_off + kb * BLOCK_N).to(tl.float32)
+        acc ^= packed
+        accf += s + z
+    r = tl.sum(acc, axis=0).to(tl.float32) + accf
+    tl.store(out_ptr + pid_k * N + pid_n * BLOCK_N + cn, r)
+
+
+@triton.jit
+def _gemv_tiled(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, out_ptr, lock_ptr, N, stride_ps,
+                k_steps_per_split, k_steps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                SPLIT_K: tl.constexpr, USE_LOCKS: tl.constexpr):
+    # the production GEMV (128 + q in fp32, zero point per group) over the tile-major layout
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    G8: tl.constexpr = BLOCK_K // 8
+    cn = tl.arange(0, BLOCK_N)
+    rn = pid_n * BLOCK_N + cn
+    rkp = tl.arange(0, G8)
+    q_ptrs = qw_ptr + pid_n.to(tl.int64) * (k_steps * G8 * BLOCK_N) + rkp[:, None] * BLOCK_N + cn[None, :]
+    sz_off = pid_n.to(tl.int64) * (k_steps * BLOCK_N) + cn
+    acc2 = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
+    kb0 = pid_k * k_steps_per_split
+    kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
+    for kb in range(kb0, kb1):
+        packed = tl.load(q_ptrs + kb * (G8 * BLOCK_N)).to(tl.uint32, bitcast=True)
+        s = tl.load(s_ptr + sz_off + kb * BLOCK_N).to(tl.float32)
+        z = tl.load(z_ptr + sz_off + kb * BLOCK_N).to(tl.float32) + 128.0
+        part = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
+        xs = tl.zeros([G8], dtype=tl.float32)
+        for i in tl.static_range(8):
+            xi = tl.load(x_ptr + kb * BLOCK_K + i * G8 + rkp).to(tl.float32)
+            xs += xi
+            if i < 4:
+                t = packed << (16 - 4 * i)
+            elif i == 4:
+                t = packed
+            else:
+                t = packed >> (4 * i - 16)
+            w = ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
+            part += xi[:, None] * w
+        acc2 += (part - xs[:, None] * z[None, :]) * s[None, :]
+    acc = tl.sum(acc2, axis=0)
+    W._splitk_finish(acc, part_ptr, out_ptr, lock_ptr, rn, rn < N, pid_k, stride_ps, pid_n, SPLIT_K, USE_LOCKS)
+
+
+def tiled_call(kind, x, packs, p, cfg):
+    """kind 'gemv_tiled' | 'load_tiled' on (qt, st, zt) = packs, launch plan as W._plan's gemv."""
+    qt, st, zt = packs
+    N = p.out_features
+    k_steps = p.in_features // p.group
+    bn = cfg["block_n"]
+    tiles = cdiv(N, bn)
+    split = max(1, min(k_steps, cdiv(cfg["waves"] * W.device_sms(x), tiles)))
+    per = cdiv(k_steps, split)
+    split = cdiv(k_steps, per)
+    kw = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if kind == "load_tiled":
+        dst = torch.empty((split, N), dtype=torch.float32, device=x.device)
+        _load_only_tiled[(tiles, split)](qt, st, zt, dst, N, per, k_steps, BLOCK_N=bn, BLOCK_K=p.group, **kw)
+        return None
+    out = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    part = out if split == 1 else torch.empty((split, 1, N), dtype=torch.float32, device=x.device)
+    use_locks = split > 1
+    locks = p.locks if use_locks else part
+    _gemv_tiled[(tiles, split)](x, qt, st, zt, part, out, locks, N, part.stride(0) if split > 1 else 0, per, k_steps,
+                                BLOCK_N=bn, BLOCK_K=p.group, SPLIT_K=split, USE_LOCKS=use_locks, **kw)
+    return out
+
+
+def tiled_sweep():
+    """Row-major [K/8, N] (production) against tile-major weights at M = 1, per 32B shape:
+    load-only ceilings of both layouts, the production GEMV at its plan, and the same GEMV
+    over tile-major weights at a few launch configs. $OUT/w4_tiled.json. Checked for
+    correctness under TRITON_INTERPRET on small shapes (2026-12-07); not yet timed on a device
+    (no machine could be started that session)."""
+    out_dir = Path(os.environ.get("OUT", "/tmp"))
+    dev = "cuda"
+    torch.manual_seed(0)
+    rows = []
+    a = torch.empty(2**30 // 2, dtype=torch.bfloat16, device=dev)
+    b = torch.empty_like(a)
+    us = graph_us([lambda: b.copy_(a)] * 4, reps=10)
+    copy_gbs = 2 * a.numel() * 2 / us / 1e3
+    print(f"copy {copy_gbs:.0f} GB/s", flush=True)
+    del a, b
+    x_big = torch.randn(1, 27648, dtype=torch.bfloat16, device=dev)
+    base = dict(num_stages=3)
+    for (k, n) in [(5120, 55296), (27648, 5120), (5120, 7168), (5120, 5120), (5120, 152064)]:
+        w = torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
+        p = W.quantize_w4(w)
+        del w
+        copies = max(2, int(400e6 // (n * k // 2)) + 1)
+        ps = [p] + [W.W4Packed(p.qweight.clone(), p.scales.clone(), p.zeros.clone(), p.shape, p.group,
+                               W.new_locks(n, dev)) for _ in range(copies - 1)]
+        wbytes = p.qweight.numel() * 4 + p.scales.numel() * 2 + p.zeros.numel()
+        x = x_big[:, :k].contiguous()
+        ref = W.w4a16_matmul_ref(x, p).float()
+        bm, bn0, nw0, wv0, _ = W._plan(1, n, k, k // p.group, W.device_sms(x), {**W.DEFAULT_CONFIG, "group": p.group})
+        prod = graph_us([(lambda q=q: W.w4a16_matmul(x, q)) for q in ps], reps=10)
+        lo = graph_us([(lambda q=q: launch("load_only", x, q, dict(block_n=bn0, num_warps=nw0, waves=wv0, num_stages=3)))
+                       for q in ps], reps=10)
+        line = dict(shape=[k, n], production_us=prod, production_gbs=wbytes / prod / 1e3, load_only_us=lo,
+                    plan=dict(block_n=bn0, num_warps=nw0, waves=wv0))
+        print(f"{k:5d}->{n:6d} production {prod:6.1f} us ({wbytes / prod / 1e3:.0f} GB/s)  load-only {lo:6.1f} us "
+              f"({wbytes / lo / 1e3:.0f} GB/s)", flush=True)
+        tiled = {}
+        for bn in (64, 128, 256):
+            tiled[bn] = [tile_pack(q, bn) for q in ps]
+        grid = [dict(base, block_n=bn, num_warps=nw, waves=wv)
+                for bn, nw, wv in itertools.product((64, 128, 256), (4, 8), (4, 8, 16))]
+        best, best_lo, res = None, None, []
+        for cfg in grid:
+            try:
+                got = tiled_call("gemv_tiled", x, tiled[cfg["block_n"]][0], p, cfg).float()
+                err = ((got - ref).abs().max() / ref.abs().max()).item()
+                t = graph_us([(lambda q=q, tp=tp: tiled_call("gemv_tiled", x, tp, q, cfg))
+                              for q, tp in zip(ps, tiled[cfg["block_n"]])], reps=10)
+            except Exception as e:  # noqa: BLE001
+                print("FAIL", k, n, cfg, str(e)[:300], flush=True)
+                continue
+            res.append(dict(cfg=cfg, us=t, err=err))
+            if err < 2e-2 and (best is None or t < best["us"]):
+                best = res[-1]
+        for cfg in (best["cfg"], dict(base, block_n=bn0, num_warps=nw0, waves=wv0)):
+            tlo = graph_us([(lambda q=q, tp=tp: tiled_call("load_tiled", x, tp, q, cfg))
+                            for q, tp in zip(ps, tiled[cfg["block_n"]])], reps=10)
+            res.append(dict(cfg=cfg, load_only_us=tlo))
+            if best_lo is None or tlo < best_lo["load_only_us"]:
+                best_lo = res[-1]
+        line.update(tiled=res, best=best, best_load_only=best_lo)
+        rows.append(line)
+        print(f"   tiled best {best['us']:6.1f} us ({wbytes / best['us'] / 1e3:.0f} GB/s) {best['cfg']} err {best['err']:.1e}; "
+              f"tiled load-only best {best_lo['load_only_us']:6.1f} us ({wbytes / best_lo['load_only_us'] / 1e3:.0f} GB/s) "
+              f"{best_lo['cfg']}", flush=True)
+        del ps, tiled
+        torch.cuda.empty_cache()
+        (out_dir / "w4_tiled.json").write_text(json.dumps(dict(copy_gbs=copy_gbs, gpu=torch.cuda.get_device_name(),
+                                                               rows=rows), indent=1))
+
+
 if __name__ == "__main__":
-    {"dot-sweep": dot_sweep, "swap-sweep": swap_sweep}.get(sys.argv[1] if sys.argv[1:] else "", main)()
+    {"dot-sweep": dot_sweep, "swap-sweep": swap_sweep, "tiled-sweep": tiled_sweep}.get(sys.argv[1] if sys.argv[1:] else "", main)()
