@@ -915,9 +915,10 @@ def tiled_call(kind, x, packs, p, cfg):
 def tiled_sweep():
     """Row-major [K/8, N] (production) against tile-major weights at M = 1, per 32B shape:
     load-only ceilings of both layouts, the production GEMV at its plan, and the same GEMV
-    over tile-major weights at a few launch configs. $OUT/w4_tiled.json. Checked for
-    correctness under TRITON_INTERPRET on small shapes (2026-12-07); not yet timed on a device
-    (no machine could be started that session)."""
+    over tile-major weights at a few launch configs. $OUT/w4_tiled.json. H100 (2026-12-07,
+    bench/results/w4-tiled-nvidia-h100-80gb-hbm3.json): tile-major raises the load-only ceiling
+    (gate_up 61.8 -> 51.9 us, down 30.9 -> 27.5) but not the GEMV (76.3 vs 77.0, 42.0 vs 42.1,
+    head 185.5 vs 194.6): the GEMV is bound by its arithmetic, not by the layout. Not adopted."""
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     dev = "cuda"
     torch.manual_seed(0)
