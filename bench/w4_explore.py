@@ -513,19 +513,7 @@ def _gemv_f(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_qk, stride_sk, strid
         packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
         s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
-        part = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([G8], dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_ptr + kb * BLOCK_K + i * G8 + rkp).to(tl.float32)
-            xs += xi
-            if i < 4:
-                t = packed << (16 - 4 * i)
-            elif i == 4:
-                t = packed
-            else:
-                t = packed >> (4 * i - 16)
-            w = ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
-            part += xi[:, None] * w
+        part, xs = W._gemv_group(packed, x_ptr + kb * BLOCK_K, rkp, z, G8, False)
         acc2 += (part - xs[:, None] * z[None, :]) * s[None, :]
     acc = tl.sum(acc2, axis=0)
     tl.store(out_ptr + pid_k * stride_os + rn, acc.to(out_ptr.dtype.element_ty), mask=n_mask)
@@ -870,19 +858,7 @@ def _gemv_tiled(x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, out_ptr, lock_ptr, N, str
         packed = tl.load(q_ptrs + kb * (G8 * BLOCK_N)).to(tl.uint32, bitcast=True)
         s = tl.load(s_ptr + sz_off + kb * BLOCK_N).to(tl.float32)
         z = tl.load(z_ptr + sz_off + kb * BLOCK_N).to(tl.float32) + 128.0
-        part = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([G8], dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_ptr + kb * BLOCK_K + i * G8 + rkp).to(tl.float32)
-            xs += xi
-            if i < 4:
-                t = packed << (16 - 4 * i)
-            elif i == 4:
-                t = packed
-            else:
-                t = packed >> (4 * i - 16)
-            w = ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
-            part += xi[:, None] * w
+        part, xs = W._gemv_group(packed, x_ptr + kb * BLOCK_K, rkp, z, G8, False)
         acc2 += (part - xs[:, None] * z[None, :]) * s[None, :]
     acc = tl.sum(acc2, axis=0)
     W._splitk_finish(acc, part_ptr, out_ptr, lock_ptr, rn, rn < N, pid_k, stride_ps, pid_n, SPLIT_K, USE_LOCKS)

@@ -290,6 +290,30 @@ def _w4a16_kernel(
 
 
 @triton.jit
+def _gemv_group(packed, xg_ptr, rkp, z, G8: tl.constexpr, EXACT: tl.constexpr):
+    """One group of the GEMV. packed [G8, N] uint32 words, xg_ptr -> the group's x, z = 128 +
+    zero point per column -> (part [G8, N] = sum_i x_i * (128 + q_i), or x_i * (q_i - z) when
+    EXACT; xs [G8] = sum_i x_i), with x_i the contiguous slice i * G8 + rkp."""
+    part = tl.zeros(packed.shape, dtype=tl.float32)
+    xs = tl.zeros([G8], dtype=tl.float32)
+    for i in tl.static_range(8):
+        xi = tl.load(xg_ptr + i * G8 + rkp).to(tl.float32)
+        xs += xi
+        # nibble i -> bits 16..19, the low mantissa bits of 128.0f: exactly 128 + q
+        if i < 4:
+            t = packed << (16 - 4 * i)
+        elif i == 4:
+            t = packed
+        else:
+            t = packed >> (4 * i - 16)
+        w = ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
+        if EXACT:  # fp32 x: q - z per weight (exact), no cancellation against 128 * sum x
+            w = w - z[None, :]
+        part += xi[:, None] * w
+    return part, xs
+
+
+@triton.jit
 def _w4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, out_ptr, lock_ptr,
     N, stride_xm, stride_qk, stride_sk, stride_zk, stride_ps, stride_om,
@@ -316,22 +340,7 @@ def _w4_gemv_kernel(
         packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
         s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
-        part = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
-        xs = tl.zeros([G8], dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_ptr + kb * BLOCK_K + i * G8 + rkp).to(tl.float32)
-            xs += xi
-            # nibble i -> bits 16..19, the low mantissa bits of 128.0f: exactly 128 + q
-            if i < 4:
-                t = packed << (16 - 4 * i)
-            elif i == 4:
-                t = packed
-            else:
-                t = packed >> (4 * i - 16)
-            w = ((t & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True)
-            if EXACT:  # fp32 x: q - z per weight (exact), no cancellation against 128 * sum x
-                w = w - z[None, :]
-            part += xi[:, None] * w
+        part, xs = _gemv_group(packed, x_ptr + kb * BLOCK_K, rkp, z, G8, EXACT)
         if EXACT:
             acc2 += part * s[None, :]
         else:
