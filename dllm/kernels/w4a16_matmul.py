@@ -52,6 +52,7 @@ M = 1: 5120->55296 73 us (was 88), 27648->5120 42 us (was 49); M = 16: 99 us (wa
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -313,13 +314,84 @@ def _gemv_group(packed, xg_ptr, rkp, z, G8: tl.constexpr, EXACT: tl.constexpr):
     return part, xs
 
 
+# The packed fp16x2 GEMV group step (H2). A nibble masked in place is an fp16 subnormal, exact:
+# n * 2^-24 at bits 0..3 of a half, n * 2^-20 at bits 4..7. So one word is 1 shr + 4 and (two
+# nibbles a half-pair each) + 4 fma.rn.f16x2 against pairs of x values scaled by a power of two
+# X (max |x| X in [2^14, 2^15) over the program's K range, so nothing overflows and only terms
+# below ~2^-8 of the largest go subnormal), then lo + hi and one convert: 8 products summed in
+# fp16, then fp32 from there on. Operands: $1 the word, $2..$5 the x pairs (x_j, x_j+4) * X for
+# j = 0, 2 and * X / 16 for j = 1, 3 (the nibbles at bits 4..7 are 16x larger).
+_H2_ASM = """
+{
+.reg .b32 t0, t1, t2, t3, p8, a;
+.reg .b16 lo, hi;
+and.b32 t0, $1, 0x000F000F;
+and.b32 t1, $1, 0x00F000F0;
+shr.u32 p8, $1, 8;
+and.b32 t2, p8, 0x000F000F;
+and.b32 t3, p8, 0x00F000F0;
+mul.rn.f16x2 a, t0, $2;
+fma.rn.f16x2 a, t1, $3, a;
+fma.rn.f16x2 a, t2, $4, a;
+fma.rn.f16x2 a, t3, $5, a;
+mov.b32 {lo, hi}, a;
+add.rn.f16 lo, lo, hi;
+cvt.f32.f16 $0, lo;
+}
+"""
+if HAS_TRITON:
+    _H2 = tl.constexpr(_H2_ASM)
+
+# H2 modes of _w4_gemv_kernel
+H2_OFF, H2_ASM, H2_PLAIN = 0, 1, 2
+
+
+@triton.jit
+def _h2_pair(lo, hi):
+    """Two fp32 tensors -> int32 holding (fp16(lo), fp16(hi)) as one f16x2 register."""
+    lb = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hb = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return (hb << 16) | lb
+
+
+@triton.jit
+def _h2_nib(packed, i: tl.constexpr):
+    """Nibble i as the fp16 the asm's mask makes of it: n * 2^-24, or n * 2^-20 for odd i."""
+    scale: tl.constexpr = 9.5367431640625e-07 if i % 2 == 1 else 5.9604644775390625e-08
+    return (((packed >> (4 * i)) & 0xF).to(tl.float32) * scale).to(tl.float16)
+
+
+@triton.jit
+def _h2_group(packed, x0, x1, x2, x3, x4, x5, x6, x7, H2: tl.constexpr):
+    """sum_i n_i x_i 2^-24 over one word's 8 nibbles, fp16 arithmetic -> fp32 [G8, N]. x_i [G8]
+    fp32, already scaled by X, and the odd ones by X / 16. H2_PLAIN is the same sum in plain
+    Triton (the interpreter runs no PTX): the same roundings but for the FMAs' (unfused there)."""
+    if H2 == 1:
+        xp0, _ = tl.broadcast(_h2_pair(x0, x4)[:, None], packed)
+        xp1, _ = tl.broadcast(_h2_pair(x1, x5)[:, None], packed)
+        xp2, _ = tl.broadcast(_h2_pair(x2, x6)[:, None], packed)
+        xp3, _ = tl.broadcast(_h2_pair(x3, x7)[:, None], packed)
+        return tl.inline_asm_elementwise(_H2, "=r,r,r,r,r,r", [packed, xp0, xp1, xp2, xp3],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        lo = _h2_nib(packed, 0) * x0.to(tl.float16)[:, None]
+        lo = lo + _h2_nib(packed, 1) * x1.to(tl.float16)[:, None]
+        lo = lo + _h2_nib(packed, 2) * x2.to(tl.float16)[:, None]
+        lo = lo + _h2_nib(packed, 3) * x3.to(tl.float16)[:, None]
+        hi = _h2_nib(packed, 4) * x4.to(tl.float16)[:, None]
+        hi = hi + _h2_nib(packed, 5) * x5.to(tl.float16)[:, None]
+        hi = hi + _h2_nib(packed, 6) * x6.to(tl.float16)[:, None]
+        hi = hi + _h2_nib(packed, 7) * x7.to(tl.float16)[:, None]
+        return (lo + hi).to(tl.float32)
+
+
 @triton.jit
 def _w4_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, out_ptr, lock_ptr,
     N, stride_xm, stride_qk, stride_sk, stride_zk, stride_ps, stride_om,
     k_steps_per_split, k_steps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, USE_LOCKS: tl.constexpr,
-    EXACT: tl.constexpr,
+    EXACT: tl.constexpr, H2: tl.constexpr,
 ):
     # One row of x on CUDA cores (grid axis 2 = row): no [16, K] padding for tl.dot and no
     # dot-operand layout shuffle. acc2 [G8, N] collects FMAs; one cross-thread reduction at the end.
@@ -335,17 +407,45 @@ def _w4_gemv_kernel(
     acc2 = tl.zeros([G8, BLOCK_N], dtype=tl.float32)
     kb0 = pid_k * k_steps_per_split
     kb1 = tl.minimum(kb0 + k_steps_per_split, k_steps)
-    for kb in range(kb0, kb1):
-        # uint32: logical shifts (an int32 >> compiles to a shift plus a sign extend)
-        packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
-        s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
-        part, xs = _gemv_group(packed, x_ptr + kb * BLOCK_K, rkp, z, G8, EXACT)
-        if EXACT:
-            acc2 += part * s[None, :]
-        else:
+    if H2 != 0:
+        # X = 2^(14 - floor(log2 max|x|)) over this program's K range, exact from the exponent bits
+        rk = tl.arange(0, BLOCK_K)
+        mx = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for kb in range(kb0, kb1):
+            mx = tl.maximum(mx, tl.abs(tl.load(x_ptr + kb * BLOCK_K + rk).to(tl.float32)))
+        e_m = (tl.maximum(tl.max(mx, axis=0), 1e-30).to(tl.int32, bitcast=True) >> 23) & 0xFF
+        X = ((268 - e_m) << 23).to(tl.float32, bitcast=True)
+        Xo = X * 0.0625  # odd nibbles sit 4 bits up
+        for kb in range(kb0, kb1):
+            packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0)
+            s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32)
+            xb = x_ptr + kb * BLOCK_K + rkp
+            x0 = tl.load(xb + 0 * G8).to(tl.float32) * X
+            x1 = tl.load(xb + 1 * G8).to(tl.float32) * Xo
+            x2 = tl.load(xb + 2 * G8).to(tl.float32) * X
+            x3 = tl.load(xb + 3 * G8).to(tl.float32) * Xo
+            x4 = tl.load(xb + 4 * G8).to(tl.float32) * X
+            x5 = tl.load(xb + 5 * G8).to(tl.float32) * Xo
+            x6 = tl.load(xb + 6 * G8).to(tl.float32) * X
+            x7 = tl.load(xb + 7 * G8).to(tl.float32) * Xo
+            part = _h2_group(packed, x0, x1, x2, x3, x4, x5, x6, x7, H2)
+            # zero point: sum_i x_i (n_i - z) = part - z * sum_i x_i, all in units of X / 2^24
+            xs = ((x0 + x2 + x4 + x6) + (x1 + x3 + x5 + x7) * 16.0) * 5.9604644775390625e-08
             acc2 += (part - xs[:, None] * z[None, :]) * s[None, :]
-    acc = tl.sum(acc2, axis=0)
+        acc = tl.sum(acc2, axis=0) * ((e_m + 10) << 23).to(tl.float32, bitcast=True)  # * 2^24 / X
+    else:
+        for kb in range(kb0, kb1):
+            # uint32: logical shifts (an int32 >> compiles to a shift plus a sign extend)
+            packed = tl.load(q_ptrs + kb * G8 * stride_qk, mask=n_mask[None, :], other=0).to(tl.uint32, bitcast=True)
+            s = tl.load(s_ptr + kb * stride_sk + rn, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + kb * stride_zk + rn, mask=n_mask, other=0).to(tl.float32) + 128.0
+            part, xs = _gemv_group(packed, x_ptr + kb * BLOCK_K, rkp, z, G8, EXACT)
+            if EXACT:
+                acc2 += part * s[None, :]
+            else:
+                acc2 += (part - xs[:, None] * z[None, :]) * s[None, :]
+        acc = tl.sum(acc2, axis=0)
     _splitk_finish(acc, part_ptr, out_ptr, lock_ptr, pid_m.to(tl.int64) * stride_om + rn, n_mask, pid_k, stride_ps,
                    pid_m * tl.num_programs(0) + pid_n, SPLIT_K, USE_LOCKS)
 
@@ -366,7 +466,9 @@ def _splitk_reduce_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK
 #   gemv, in >= 4 out (down 27648->5120):     128-wide tiles, 8 warps, ~4 programs per SM
 #   gemv, otherwise (qkv, o):                 64-wide tiles, 4 warps, ~8 programs per SM
 #   dot (M >= 2):                             128-wide tiles, 4 warps, 3 stages, ~8 per SM
-DEFAULT_CONFIG = dict(num_stages=3, gemv=True, locks=True)
+DEFAULT_CONFIG = dict(num_stages=3, gemv=True, locks=True, h2="auto")
+if os.environ.get("DLLM_W4_H2") == "0":  # A/B switch for benchmarks: the fp32 GEMV everywhere
+    DEFAULT_CONFIG["h2"] = False
 
 
 def _plan(M: int, N: int, K: int, k_steps: int, sms: int, cfg: dict) -> tuple[int, int, int, int, int]:
@@ -422,10 +524,15 @@ def w4a16_matmul(x: torch.Tensor, p: W4Packed, split_k: int | None = None, confi
                   EXACT=x.dtype == torch.float32,
                   num_warps=warps, num_stages=cfg["num_stages"])
     if block_m == 1:  # one program row per x row (M == 1, or groups too small for tl.dot)
+        # fp16 sums cost fp16 x ~3x the error of its own output rounding (~1e-3 of max |y|),
+        # below bf16's (~4e-3): "auto" takes H2 for bf16 x only, True for fp16 too
+        h2 = H2_OFF
+        if x.dtype == torch.bfloat16 and cfg["h2"] or x.dtype == torch.float16 and cfg["h2"] is True:
+            h2 = H2_PLAIN if interpret_mode() or not x.is_cuda else H2_ASM
         _w4_gemv_kernel[grid](
             x, p.qweight, p.scales, p.zeros, part, out, locks,
             N, x.stride(0), p.qweight.stride(0), p.scales.stride(0), p.zeros.stride(0), stride_ps, out.stride(0),
-            per_split, k_steps, **common)
+            per_split, k_steps, H2=h2, **common)
     else:
         asm_ok = x.is_cuda and not interpret_mode() and x.dtype in (torch.bfloat16, torch.float16)
         dq = (DQ_BF16 if x.dtype == torch.bfloat16 else DQ_FP16) if asm_ok and cfg.get("asm", True) else DQ_PLAIN

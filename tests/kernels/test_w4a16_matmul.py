@@ -100,6 +100,27 @@ def test_w4a16_small_groups(M):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("kind", ["unit", "tiny", "huge", "outliers"])
+def test_w4_gemv_fp16x2_sums_stay_accurate(kind):
+    # The H2 GEMV (fp16x2 FMAs on x scaled by a power of two per program) against the exact
+    # product, in fp16 (11-bit outputs, finer than the bf16 it serves): a wrong scale shows as
+    # inf/0 or a large error; x of 1e-5 or 300 or with 100x channels must not matter.
+    g = torch.Generator().manual_seed(7)
+    p = quantize_w4(_weight(72, 1024, torch.float16)).to(DEVICE)
+    x = torch.randn(1, 1024, generator=g)
+    if kind == "outliers":
+        x[0, torch.randperm(1024, generator=g)[:4]] *= 100.0
+    else:
+        x *= {"unit": 1.0, "tiny": 1e-5, "huge": 300.0}[kind]
+    x = x.to(torch.float16).to(DEVICE)
+    exact = x.double() @ dequantize_w4_ref(p, torch.float64).t()
+    for split_k in (1, 3):
+        got = w4a16_matmul(x, p, split_k=split_k, config={"h2": True}).double()
+        err = ((got - exact).abs().max() / exact.abs().max()).item()
+        assert err < 3e-3, f"{kind}, split {split_k}: relative error {err:.2e}"
+
+
+@pytest.mark.triton
 def test_w4a16_strided_x_and_bad_shape():
     p = quantize_w4(_weight(64, 256, torch.float16)).to(DEVICE)
     x = torch.randn(4, 512, device=DEVICE).to(torch.float16)[:, :256]  # row stride 512
