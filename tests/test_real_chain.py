@@ -19,7 +19,9 @@ def test_real_model_chains_equal_single_process(name):
     prompts = [tok.encode_chat([{"role": "user", "content": "Write a haiku about distributed systems."}]),
                tok.encode("def quicksort(xs):\n")]
     n = ModelConfig.from_dir(model_dir).num_layers
-    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    # the 0.5B's 4 runs x 2 prompts of 64 steps, 3 of them over 1-thread stage processes, were
+    # ~200 s of CI on this 2-core machine; 32 steps still cross every stage boundary each step
+    params = SamplingParams(max_tokens=64 if name == "smollm2" else 32, ignore_eos=True)
     single = local_engine(model_dir, kv_tokens=512)
     ref = [single.generate_all(p, params) for p in prompts]
     del single
