@@ -74,6 +74,8 @@ def test_w4a16_matches_ref(M, dtype):
     assert int(p.locks.abs().sum()) == 0, "every tile's last program must reset its counter"
     if M == 1:  # M == 1 normally takes the CUDA-core GEMV kernel; check the tl.dot path too
         assert_close(w4a16_matmul(x, p, config={"gemv": False}), ref)
+        for split_k in (1, 2):  # and the fp16x2 GEMV (H2; interpreter: its plain-Triton twin)
+            assert_close(w4a16_matmul(x, p, split_k=split_k, config={"h2": True}), ref)
 
 
 @pytest.mark.triton
@@ -97,6 +99,7 @@ def test_w4a16_small_groups(M):
     x = torch.randn(M, 96, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(DEVICE)
     assert_close(w4a16_matmul(x, p), w4a16_matmul_ref(x, p))
     assert_close(w4a16_matmul(x, p, split_k=3), w4a16_matmul_ref(x, p))
+    assert_close(w4a16_matmul(x, p, split_k=3, config={"h2": "auto"}), w4a16_matmul_ref(x, p))
 
 
 @pytest.mark.triton
