@@ -1232,15 +1232,15 @@ def h2_sweep():
                 out[name] = ((got - exact[name]).abs().max() / exact[name].abs().max()).item()
             return out
 
-        prod_err = errs(lambda xx: W.w4a16_matmul(xx, p))
+        prod_err = errs(lambda xx: W.w4a16_matmul(xx, p, config={"h2": "auto"}))
         ref_err = {nm: ((refs[nm] - exact[nm]).abs().max() / exact[nm].abs().max()).item() for nm in refs}
         bm, bn0, nw0, wv0, _ = W._plan(1, n, k, k // p.group, W.device_sms(x), {**W.DEFAULT_CONFIG, "group": p.group})
-        prod = graph_us([(lambda q=q: W.w4a16_matmul(x, q)) for q in ps], reps=10)
+        prod = graph_us([(lambda q=q: W.w4a16_matmul(x, q, config={"h2": "auto"})) for q in ps], reps=10)
         lo = graph_us([(lambda q=q: launch("load_only", x, q, dict(block_n=bn0, num_warps=nw0, waves=wv0, num_stages=3)))
                        for q in ps], reps=10)
         line = dict(shape=[k, n], production_us=prod, production_gbs=wbytes / prod / 1e3, load_only_us=lo,
                     production_err=prod_err, ref_err=ref_err, plan=dict(block_n=bn0, num_warps=nw0, waves=wv0))
-        print(f"{k:5d}->{n:6d} production {prod:6.1f} us ({wbytes / prod / 1e3:.0f} GB/s) err {prod_err}  "
+        print(f"{k:5d}->{n:6d} production with H2 {prod:6.1f} us ({wbytes / prod / 1e3:.0f} GB/s) err {prod_err}  "
               f"load-only {lo:6.1f} us; ref err {ref_err}", flush=True)
         tiled = {bn: [tile_pack(q, bn) for q in ps] for bn in (128, 256)}
         res = []
