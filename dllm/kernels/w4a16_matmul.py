@@ -34,6 +34,10 @@ Kernels (`w4a16_matmul`, x [M, in] -> [M, out]):
            73.8, the head 183-194 against 183; the shifts are not what bounds it.
            Groups below 128 (tiny test models: tl.dot needs K = group / 8 >= 16) run every
            row through this kernel too, one grid row per x row.
+           H2 (config h2="auto": bf16 x; True: fp16 x too; off by default until timed on a
+           device): fp16x2 FMAs on nibbles masked in place as fp16 subnormals, x scaled by a
+           power of two per program; sm_90 SASS 3.72 instructions a weight against 5.33 (see
+           _H2_ASM and kernels/README.md).
   M >= 2   `_w4a16_kernel`: tensor cores. On CUDA with bf16/fp16 x, inline PTX turns one int32
            into four bf16x2/f16x2 registers of 128 + q (3 shifts + 4 lop3 for 8 weights),
            and the tile is 8 dots of K = G8 (nibble i with x's slice i): no [K/8, 8, N] ->
