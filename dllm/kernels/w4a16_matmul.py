@@ -34,10 +34,11 @@ Kernels (`w4a16_matmul`, x [M, in] -> [M, out]):
            73.8, the head 183-194 against 183; the shifts are not what bounds it.
            Groups below 128 (tiny test models: tl.dot needs K = group / 8 >= 16) run every
            row through this kernel too, one grid row per x row.
-           H2 (config h2="auto": bf16 x; True: fp16 x too; off by default until timed on a
-           device): fp16x2 FMAs on nibbles masked in place as fp16 subnormals, x scaled by a
-           power of two per program; sm_90 SASS 3.72 instructions a weight against 5.33 (see
-           _H2_ASM and kernels/README.md).
+           H2 (config h2="auto": bf16 x; True: fp16 x too; off by default): fp16x2 FMAs on
+           nibbles masked in place as fp16 subnormals, x scaled by a power of two per program;
+           sm_90 SASS 3.72 instructions a weight against 5.33, but on an H100 slower on the big
+           shapes (gate_up 78.5 vs 73.3 us, down 52.2 vs 41.1; qkv/o faster): the x prepass
+           and conversion cost more than the FMAs saved (see kernels/README.md).
   M >= 2   `_w4a16_kernel`: tensor cores. On CUDA with bf16/fp16 x, inline PTX turns one int32
            into four bf16x2/f16x2 registers of 128 + q (3 shifts + 4 lop3 for 8 weights),
            and the tile is 8 dots of K = G8 (nibble i with x's slice i): no [K/8, 8, N] ->
@@ -470,8 +471,8 @@ def _splitk_reduce_kernel(part_ptr, out_ptr, numel, SPLIT_K: tl.constexpr, BLOCK
 #   gemv, in >= 4 out (down 27648->5120):     128-wide tiles, 8 warps, ~4 programs per SM
 #   gemv, otherwise (qkv, o):                 64-wide tiles, 4 warps, ~8 programs per SM
 #   dot (M >= 2):                             128-wide tiles, 4 warps, 3 stages, ~8 per SM
-# h2 (the fp16x2 GEMV) is off by default until it is timed on a device (compiled for sm_90 here,
-# not yet run on one): DLLM_W4_H2=auto (bf16 x) or 1 (fp16 x too) turns it on, for A/B runs.
+# h2 (the fp16x2 GEMV) is off by default: slower than the fp32 GEMV on the big 32B shapes on an
+# H100 (kernels/README.md). DLLM_W4_H2=auto (bf16 x) or 1 (fp16 x too) turns it on, for A/B runs.
 DEFAULT_CONFIG = dict(num_stages=3, gemv=True, locks=True, h2=False)
 DEFAULT_CONFIG["h2"] = {"auto": "auto", "1": True}.get(os.environ.get("DLLM_W4_H2", ""), False)
 
