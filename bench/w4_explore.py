@@ -969,36 +969,13 @@ def tiled_sweep():
 # + 4 and + 4 f16x2 FMAs + an f16 add and a convert: ~1.4 instructions a weight against ~3.3
 # for the fp32 path. ZSUB subtracts the zero point in fp16 before the FMA (exact, +4 a word)
 # instead of through z * sum x in fp32 afterwards.
-_H2_ASM = """
-{
-.reg .b32 t0, t1, t2, t3, p8, a;
-.reg .b16 lo, hi;
-and.b32 t0, $1, 0x000F000F;
-and.b32 t1, $1, 0x00F000F0;
-shr.u32 p8, $1, 8;
-and.b32 t2, p8, 0x000F000F;
-and.b32 t3, p8, 0x00F000F0;
-ZSUB
-mul.rn.f16x2 a, t0, $2;
-fma.rn.f16x2 a, t1, $3, a;
-fma.rn.f16x2 a, t2, $4, a;
-fma.rn.f16x2 a, t3, $5, a;
-mov.b32 {lo, hi}, a;
-add.rn.f16 lo, lo, hi;
-cvt.f32.f16 $0, lo;
-}
-"""
-_H2_PLAIN = tl.constexpr(_H2_ASM.replace("ZSUB", ""))
-_H2_ZSUB = tl.constexpr(_H2_ASM.replace("ZSUB", "sub.rn.f16x2 t0, t0, $6;\nsub.rn.f16x2 t1, t1, $7;\n"
-                                                   "sub.rn.f16x2 t2, t2, $6;\nsub.rn.f16x2 t3, t3, $7;"))
-
-
-@triton.jit
-def _h2_pair(lo, hi):
-    """Two fp32 [..] -> int32 [..] holding (fp16(lo), fp16(hi)) as an f16x2 register."""
-    lb = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hb = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
-    return (hb << 16) | lb
+# the production group step's PTX (W._H2_ASM), and a variant that subtracts the zero point in fp16 first
+_H2_PLAIN = W._H2
+_H2_ZSUB = tl.constexpr(W._H2_ASM.replace("mul.rn.f16x2 a, t0, $2;",
+                                          "sub.rn.f16x2 t0, t0, $6;\nsub.rn.f16x2 t1, t1, $7;\n"
+                                          "sub.rn.f16x2 t2, t2, $6;\nsub.rn.f16x2 t3, t3, $7;\n"
+                                          "mul.rn.f16x2 a, t0, $2;"))
+_h2_pair = W._h2_pair
 
 
 @triton.jit
