@@ -48,13 +48,16 @@ def _threads(n: int | None) -> None:
 
 def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None, local_stages=0,
                  emulate_rtt=0.0, identity_path=None, deadline=30.0, draft="none", tree="auto", kv_tokens=8192,
-                 threads=None, eos_ids=None, drafters=None, draft_deadline=0.05, quant=None, draft_dtype="auto"):
+                 threads=None, eos_ids=None, drafters=None, draft_deadline=0.05, quant=None, draft_dtype="auto",
+                 one_sequence=False):
     """Engine for `dllm run`: in-process stages, a remote chain (--peers), or local stage processes.
 
     ``dtype`` / ``quant`` are the --dtype / --quant flags, resolved once here
     (dllm.launch.resolve_precision) and given as such to every local stage process, so a local
     chain computes what one process would. A --draft model runs in ``draft_dtype`` (default auto:
     the CPU fast path, int4 weights, whatever the target's precision): a draft changes speed only.
+    ``one_sequence`` (a one-shot --prompt): an in-process fp32 CPU engine without a drafter takes
+    the "single" CPU layout (launch.local_engine), the fastest for one sequence.
     Returns (engine, cleanup callable)."""
     from dllm.config import ModelConfig
     from dllm.launch import (
@@ -87,8 +90,10 @@ def build_engine(model_dir, *, stages=1, split=None, dtype="float32", peers=None
     elif peers:
         first = split_ranges[0] if split_ranges else None
     else:
+        single = one_sequence and spec_kw.get("drafter") is None and dtype == "float32" and quant is None
         engine = local_engine(model_dir, stages=stages, split=split_ranges, dtype=dtype, quant=quant,
-                              kv_tokens=kv_tokens, eos_ids=eos_ids, **spec_kw)
+                              kv_tokens=kv_tokens, eos_ids=eos_ids, cpu_layout="single" if single else "batched",
+                              **spec_kw)
         return engine, lambda: None
     from dllm.net.crypto import Identity
 
@@ -232,7 +237,7 @@ def run(prompt, model, system, raw, max_tokens, temperature, top_p, top_k, seed,
                                    emulate_rtt=emulate_rtt, identity_path=identity_path, deadline=deadline,
                                    draft=draft, draft_dtype=draft_dtype, tree=tree, threads=threads, kv_tokens=kv_tokens,
                                    drafters=drafters.split(",") if drafters else None,
-                                   draft_deadline=draft_deadline / 1000.0,
+                                   draft_deadline=draft_deadline / 1000.0, one_sequence=not serving,
                                    eos_ids=sorted(tok.eos_token_ids | set(cfg.eos_token_ids)))
     try:
         if serving:

@@ -13,7 +13,7 @@ from dllm.config import ModelConfig
 from dllm.convert import check_split, even_split
 from dllm.convert import parse_split as split_ranges
 from dllm.engine import Engine, LocalPipeline
-from dllm.errors import WeightsError
+from dllm.errors import ConfigError, WeightsError
 from dllm.model.runner import StageRunner
 from dllm.model.stage import StageModel, parse_dtype
 from dllm.weights.manifest import Manifest
@@ -77,17 +77,26 @@ def default_split(model_dir: str | Path, num_layers: int, stages: int) -> list[t
 
 def local_engine(model_dir: str | Path, stages: int = 1, split: list[tuple[int, int]] | None = None,
                  dtype: str | torch.dtype = "float32", kv_tokens: int = 8192, block_size: int = 16,
-                 eos_ids=None, quant: str | None = None, **engine_kw) -> Engine:
+                 eos_ids=None, quant: str | None = None, cpu_layout: str = "batched", **engine_kw) -> Engine:
     """All stages in this process (stage 0 holds embedding + head + its layers).
-    ``dtype`` / ``quant`` as resolve_precision takes them ("auto" included)."""
+    ``dtype`` / ``quant`` as resolve_precision takes them ("auto" included). ``cpu_layout``
+    (StageModel.optimize_cpu_layout): "batched" for everything; "single" for an engine that runs
+    one sequence at a time and verifies no drafts (its one-row results round differently from
+    the same rows in a batch), the fastest fp32 decode on CPU: it gets ``max_seqs=1``."""
+    if cpu_layout == "single":
+        if engine_kw.get("drafter") is not None:
+            raise ConfigError("the 'single' CPU layout cannot verify drafts: a verified row must equal the same "
+                              "row decoded alone, which only the 'batched' layout guarantees")
+        if engine_kw.setdefault("max_seqs", 1) != 1:
+            raise ConfigError("the 'single' CPU layout runs one sequence at a time (max_seqs=1)")
     config = ModelConfig.from_dir(model_dir)
     dtype, quant = resolve_precision(dtype, quant, model_dir=model_dir)
     split = split or default_split(model_dir, config.num_layers, stages)
     check_split(split, config.num_layers)
     head = StageModel.from_pretrained(model_dir, layers=range(*split[0]), embed=True, head=True, dtype=dtype,
-                                      config=config, quant=quant)
+                                      config=config, quant=quant, cpu_layout=cpu_layout)
     rest = [StageModel.from_pretrained(model_dir, layers=range(a, b), embed=False, head=False, dtype=dtype,
-                                       config=config, quant=quant)
+                                       config=config, quant=quant, cpu_layout=cpu_layout)
             for a, b in split[1:]]
     runners = [StageRunner.for_tokens(s, kv_tokens, block_size) for s in rest]
     return Engine(StageRunner.for_tokens(head, kv_tokens, block_size), LocalPipeline(runners) if runners else None,

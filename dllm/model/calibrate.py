@@ -51,7 +51,7 @@ def measure_importance(stage, ids: list[int]) -> dict[str, torch.Tensor]:
     """{slot key: fp32 [in]} for a whole dense StageModel on token ids (one prefill). The model's
     matmul weights are put back as plain dense tensors afterwards (a tied head as its own copy)."""
     from dllm.eval import perplexity
-    from dllm.model.quant import PackedWeight
+    from dllm.model.stage import DENSE_LAYOUTS
 
     slots = list(zip(stage.slot_keys(), stage.matmul_slots()))
     recorders = {}
@@ -59,7 +59,7 @@ def measure_importance(stage, ids: list[int]) -> dict[str, torch.Tensor]:
         w = getattr(module, attr)
         if kind == "head" and w is None:
             w = stage.embed_tokens.weight
-        if isinstance(w, PackedWeight):
+        if isinstance(w, DENSE_LAYOUTS):
             w = w.dense()
         if not isinstance(w, torch.Tensor):
             raise ValueError(f"{key}: importance is measured on a dense model, this one holds {type(w).__name__}")

@@ -108,6 +108,45 @@ class PackedWeight(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
 
+class GemvWeight(nn.Module):
+    """A dense fp32 [out, in] weight laid out for one sequence at a time on CPU, so that one row
+    is MKL's sgemv, which streams the weights at the machine's full read bandwidth, where
+    oneDNN's packed path (PackedWeight) pads the row to four and runs a small GEMM. SmolLM2's 121
+    matmuls at one row, two threads (2026-12-08; a reduction reads 28.6 GB/s, a big sgemv 34):
+    MKL input-major 16.7 ms (32 GB/s), MKL [out, in] 18.7, oneDNN packed 28.8 (24.5 unpadded).
+
+    Orientation by shape: input-major ([in, out], ``x @ wt``) when out >= in, as for qkv, o,
+    gate_up and the head; [out, in] (``F.linear``) when the input is the wider side, as for
+    down: 28 of Qwen2.5-1.5B's down matrices (1536 x 8960) read at 33 GB/s that way, 30 input-major.
+
+    A row's result here is not the same bits alone and inside a bigger batch (MKL switches
+    kernels at four rows), so this layout serves an engine that runs one sequence and verifies no
+    drafts (``dllm run --prompt`` without --draft; launch.local_engine enforces it): batching and
+    speculation, whose exactness rests on a row computing the same bits alone or batched, keep
+    PackedWeight. Several rows (a prefill) go through MKL's sgemm on the same matrix."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.shape = (w.shape[0], w.shape[1])
+        self.input_major = w.shape[0] >= w.shape[1]
+        w = w.detach().float()
+        self.register_buffer("w", (w.t() if self.input_major else w).contiguous())
+
+    def dense(self) -> torch.Tensor:
+        """The [out, in] fp32 weight."""
+        return self.w.t().contiguous() if self.input_major else self.w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [N, in] fp32 -> [N, out]."""
+        return x @ self.w if self.input_major else F.linear(x, self.w)
+
+    def extra_repr(self) -> str:
+        return f"out={self.shape[0]}, in={self.shape[1]}, input_major={self.input_major}"
+
+
+CPU_LAYOUTS = {"batched": PackedWeight, "single": GemvWeight}
+
+
 def linear(x: torch.Tensor, w: torch.Tensor | nn.Module, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for a dense weight, or any weight module (packed fp32, int4, int8) applied to x.
     Weight modules are applied through .forward: nn.Module.__call__'s hook handling costs ~2 us,

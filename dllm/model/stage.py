@@ -27,12 +27,13 @@ from dllm.kv.paged_cache import PagedKVCache
 from dllm.model.attention import AttentionMetadata
 from dllm.model.layers import DecoderLayer, RMSNorm, Rotary
 from dllm.model.cpu_quant import CpuInt4Weight, Int8Weight
-from dllm.model.quant import Int4Weight, PackedWeight, linear
+from dllm.model.quant import CPU_LAYOUTS, GemvWeight, Int4Weight, PackedWeight, linear
 from dllm.weights.loader import load_tensors
 from dllm.weights.manifest import Manifest
 from dllm.weights.quantized import INT4_INT8_KINDS, fused_weight, stored_names
 
 QUANTIZED = (Int4Weight, CpuInt4Weight, Int8Weight)
+DENSE_LAYOUTS = (PackedWeight, GemvWeight)  # dense fp32 weights laid out for the CPU (.dense() gives them back)
 MATMUL_KINDS = ("qkv", "o", "gate_up", "down", "head")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -68,6 +69,7 @@ class StageModel(nn.Module):
         self.requires_grad_(False)
         self.use_kernels = False
         self.quant = None  # "int4" / "int8" once quantize() ran
+        self.cpu_layout = None  # "batched" / "single" once optimize_cpu_layout() laid fp32 weights out
         self.set_kernels(kernels_default())
 
     def set_kernels(self, on: bool) -> "StageModel":
@@ -147,22 +149,30 @@ class StageModel(nn.Module):
             return cpu_weight(parts, slot_mode, key)
 
         self._replace_matmuls(lambda key, kind, w: None if kind not in kinds or isinstance(w, QUANTIZED) else
-                              make(key, kind, w.dense() if isinstance(w, PackedWeight) else w.data))
+                              make(key, kind, w.dense() if isinstance(w, DENSE_LAYOUTS) else w.data))
         self.quant = mode
         return self.set_kernels(self.use_kernels)
 
-    def optimize_cpu_layout(self) -> "StageModel":
-        """Pack every fp32 matmul weight (qkv, o, gate_up, down, the head) for oneDNN
-        (quant.PackedWeight: cost nearly flat from 1 to 8 rows, where MKL's grows ~3x).
+    def optimize_cpu_layout(self, layout: str = "batched") -> "StageModel":
+        """Lay every fp32 matmul weight (qkv, o, gate_up, down, the head) out for the CPU.
 
-        A tied head gets its own packed copy of the embedding (vocab x hidden more memory:
-        113 MB for SmolLM2, 0.9 GB for Qwen2.5-1.5B in fp32) because the head reads the whole
-        matrix every token while the embedding lookup reads one row."""
+        layout: "batched" = quant.PackedWeight (oneDNN: cost nearly flat from 1 to 8 rows, where
+        MKL's grows ~3x, and a row's result the same bits alone or batched: what batching and
+        speculation need); "single" = quant.GemvWeight (input-major for MKL's sgemv: the fastest
+        for one row, for an engine that runs one sequence and verifies no drafts).
+
+        A tied head gets its own copy of the embedding (vocab x hidden more memory: 113 MB for
+        SmolLM2, 0.9 GB for Qwen2.5-1.5B in fp32) because the head reads the whole matrix every
+        token while the embedding lookup reads one row."""
+        if layout not in CPU_LAYOUTS:
+            raise ValueError(f"unknown CPU layout {layout!r}; choose {' or '.join(CPU_LAYOUTS)}")
         if self.device.type != "cpu" or self.dtype != torch.float32 or not PackedWeight.available():
             return self  # bf16 goes through oneDNN already
-
-        self._replace_matmuls(lambda key, kind, w: PackedWeight(w.data)
-                              if isinstance(w, torch.Tensor) and w.dim() == 2 else None)
+        make = CPU_LAYOUTS[layout]
+        self._replace_matmuls(lambda key, kind, w: make(w.dense() if isinstance(w, DENSE_LAYOUTS) else w.data)
+                              if isinstance(w, DENSE_LAYOUTS) or (isinstance(w, torch.Tensor) and w.dim() == 2)
+                              else None)
+        self.cpu_layout = layout
         return self
 
     def _replace_matmuls(self, make) -> None:
@@ -257,8 +267,10 @@ class StageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, layers: range | None = None, embed: bool = True, head: bool = True,
                         dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                        config: ModelConfig | None = None, verify: bool = True, quant: str | None = None) -> "StageModel":
-        """Load this stage's tensors. ``dtype`` is the activation (and dense weight) dtype.
+                        config: ModelConfig | None = None, verify: bool = True, quant: str | None = None,
+                        cpu_layout: str = "batched") -> "StageModel":
+        """Load this stage's tensors. ``dtype`` is the activation (and dense weight) dtype;
+        ``cpu_layout`` lays out fp32 CPU matmul weights (optimize_cpu_layout).
         A quantized checkpoint (manifest "quant") loads as such; ``quant`` on a dense one
         quantizes after loading (``quantize``); asking a quantized checkpoint for another
         quantization is an error."""
@@ -286,7 +298,7 @@ class StageModel(nn.Module):
             recipe = {"mode": quant, "group": 32, "int8_kinds": list(INT4_INT8_KINDS), "version": 1}
             cache = quant_cache.entry_dir(model_dir, manifest, recipe) if stage.device.type == "cpu" else None
             return stage.quantize(quant, importance=importance, cache_dir=cache)
-        return stage.optimize_cpu_layout()
+        return stage.optimize_cpu_layout(cpu_layout)
 
     def _drop_dense_matmuls(self) -> None:
         """Replace the (meta) dense matmul weights by placeholders before to_empty, so loading a
