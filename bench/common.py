@@ -46,11 +46,12 @@ def write_result(path: str | Path, payload: dict) -> Path:
 
 
 def read_bandwidth_probes(mbytes: int = 1024, repeats: int = 7) -> dict[str, float]:
-    """Best sustained read bandwidth (GB/s) over a buffer far larger than cache, by two readers:
-    a reduction (``sum``) and a one-row matrix-vector product over the same bytes seen as a
-    square matrix, both orientations (``sgemv``). On the 2-core EPYC here MKL's sgemv reads ~34
-    GB/s where the reduction reads ~27: the reduction alone made a decode that is nothing but
-    sgemv over its weights look faster than its own roofline (2026-12-08)."""
+    """Best sustained read bandwidth (GB/s) over a buffer larger than the last-level cache (1 GiB;
+    the 2-core Xeon of 2026-12-08 reports 480 MiB of L3), by two readers: a reduction (``sum``)
+    and a one-row matrix-vector product over the same bytes seen as a square matrix, both
+    orientations (``sgemv``). There MKL's sgemv read ~34 GB/s where the reduction read ~27: the
+    reduction alone made a decode that is nothing but sgemv over its weights look faster than
+    its own roofline."""
     x = torch.ones(mbytes * (1 << 20) // 4, dtype=torch.float32)
     side = int(x.numel() ** 0.5)
     m = x[:side * side].view(side, side)
