@@ -115,9 +115,11 @@ class GemvWeight(nn.Module):
     matmuls at one row, two threads (2026-12-08; a reduction reads 28.6 GB/s, a big sgemv 34):
     MKL input-major 16.7 ms (32 GB/s), MKL [out, in] 18.7, oneDNN packed 28.8 (24.5 unpadded).
 
-    Orientation by shape: input-major ([in, out], ``x @ wt``) when out >= in, as for qkv, o,
-    gate_up and the head; [out, in] (``F.linear``) when the input is the wider side, as for
-    down: 28 of Qwen2.5-1.5B's down matrices (1536 x 8960) read at 33 GB/s that way, 30 input-major.
+    Orientation by shape: input-major ([in, out], ``x @ w``) unless the input is at least four
+    times the output, where [out, in] (``F.linear``: one long dot product per output) streams
+    better. Whole-model sgemv passes, ms, rule / all input-major / all [out, in] (2026-12-08):
+    Qwen2.5-1.5B 187 / 196 / 195 (its down, 1536 x 8960, is the one [out, in] matrix), SmolLM2
+    with its down (576 x 1536) [out, in] 18.1 / 17.4 / 19.5, hence the factor four.
 
     A row's result here is not the same bits alone and inside a bigger batch (MKL switches
     kernels at four rows), so this layout serves an engine that runs one sequence and verifies no
@@ -128,7 +130,7 @@ class GemvWeight(nn.Module):
     def __init__(self, w: torch.Tensor):
         super().__init__()
         self.shape = (w.shape[0], w.shape[1])
-        self.input_major = w.shape[0] >= w.shape[1]
+        self.input_major = 4 * w.shape[0] > w.shape[1]
         w = w.detach().float()
         self.register_buffer("w", (w.t() if self.input_major else w).contiguous())
 
