@@ -71,11 +71,6 @@ def read_bandwidth_probes(mbytes: int = 1024, repeats: int = 7) -> dict[str, flo
                 "sgemv": max(best(lambda: v @ m, m.numel() * 4), best(lambda: m @ v[0], m.numel() * 4))}
 
 
-def read_bandwidth_gbs(mbytes: int = 1024, repeats: int = 7) -> float:
-    """The machine's read bandwidth (GB/s): the best of read_bandwidth_probes."""
-    return max(read_bandwidth_probes(mbytes, repeats).values())
-
-
 def median(xs):
     s = sorted(xs)
     return s[len(s) // 2]

@@ -89,7 +89,7 @@ def time_hf(model_dir, ids, new_tokens, dtype, repeats=3):
 
 def bench_model(name, prompt_tokens, new_tokens, dtype, hf, bandwidth):
     """One model's row. ``dllm_*``: the engine in the "single" CPU layout, what a one-shot
-    ``dllm run --prompt`` without a drafter runs (one sequence, MKL sgemv on input-major fp32
+    ``dllm run --prompt`` without a drafter runs (one sequence, MKL sgemv on fp32
     weights); ``dllm_batched_*``: the "batched" layout that serving, batching and speculation run
     (oneDNN packed weights, a row the same bits alone or batched). Both decode the same tokens
     (tests/test_cpu_layout.py). Other dtypes have one layout and report it once."""

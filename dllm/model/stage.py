@@ -158,16 +158,18 @@ class StageModel(nn.Module):
 
         layout: "batched" = quant.PackedWeight (oneDNN: cost nearly flat from 1 to 8 rows, where
         MKL's grows ~3x, and a row's result the same bits alone or batched: what batching and
-        speculation need); "single" = quant.GemvWeight (input-major for MKL's sgemv: the fastest
-        for one row, for an engine that runs one sequence and verifies no drafts).
+        speculation need); "single" = quant.GemvWeight (laid out for MKL's sgemv: the fastest for
+        one row, for an engine that runs one sequence and verifies no drafts).
 
         A tied head gets its own copy of the embedding (vocab x hidden more memory: 113 MB for
         SmolLM2, 0.9 GB for Qwen2.5-1.5B in fp32) because the head reads the whole matrix every
         token while the embedding lookup reads one row."""
         if layout not in CPU_LAYOUTS:
             raise ValueError(f"unknown CPU layout {layout!r}; choose {' or '.join(CPU_LAYOUTS)}")
-        if self.device.type != "cpu" or self.dtype != torch.float32 or not PackedWeight.available():
+        if self.device.type != "cpu" or self.dtype != torch.float32:
             return self  # bf16 goes through oneDNN already
+        if layout == "batched" and not PackedWeight.available():
+            return self  # no oneDNN: plain F.linear (the single layout needs only MKL)
         make = CPU_LAYOUTS[layout]
         self._replace_matmuls(lambda key, kind, w: make(w.dense() if isinstance(w, DENSE_LAYOUTS) else w.data)
                               if isinstance(w, DENSE_LAYOUTS) or (isinstance(w, torch.Tensor) and w.dim() == 2)
